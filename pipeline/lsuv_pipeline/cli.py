@@ -1,0 +1,167 @@
+"""The ``lsuv-pipeline`` command line: parse options, call one library function, print.
+
+Every user mistake ends as one line ``Error: ...`` on stderr and a non-zero exit; a
+traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .config import RunConfig
+from .data import DATASETS
+from .errors import LsuvError
+from .solve import MODES
+
+__all__ = ["cli", "main"]
+
+
+class _Group(click.Group):
+    """A group that reports every error as one line, without a usage banner or traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            hint = ""
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                hint = f" (see '{exc.ctx.command_path} --help')"
+            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LsuvError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lsuv-pipeline")
+def cli() -> None:
+    """Exact, full-dataset LSUV initialization (Mishkin & Matas 2015), stored in Zarr."""
+
+
+@cli.command()
+@click.option(
+    "--dataset",
+    default="mnist",
+    show_default=True,
+    help=f"Dataset to solve on: {', '.join(sorted(DATASETS))}.",
+)
+@click.option("--model", default="mj", show_default=True, help="Model to initialize.")
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    help="Folder holding the datasets [default: $LSUV_DATA_ROOT, else data/].",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=True, file_okay=False),
+    help="Run store to write [default: data/runs/<dataset>-<model>-<mode>.zarr].",
+)
+@click.option("--split", default="train", show_default=True, help="Split to solve on.")
+@click.option(
+    "--holdout",
+    default="test",
+    show_default=True,
+    help="Split measured after the solve; 'none' for none.",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), help="Use only the first N samples of each split."
+)
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="tensor",
+    show_default=True,
+    help="One scale per layer (the paper's) or one per output channel.",
+)
+@click.option("--target-std", type=float, default=1.0, show_default=True, help="Output std.")
+@click.option(
+    "--tol",
+    type=float,
+    default=1e-4,
+    show_default=True,
+    help="Tolerance on |mean| and |std - target| for layers solved iteratively.",
+)
+@click.option(
+    "--max-iter",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Most passes for one iteratively solved layer.",
+)
+@click.option("--orthogonal", is_flag=True, help="Orthonormal pre-init first (LSUV step I).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="Samples per shard: the unit of work and of resume.",
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA if available), cpu, cuda[:N]."
+)
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Measure every layer before and after LSUV on the splits.",
+)
+@click.option(
+    "--download/--no-download", default=True, show_default=True, help="Fetch a missing dataset."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing run store.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def compute(**opts) -> None:
+    """Compute the LSUV init over a whole dataset and write it to a Zarr run store."""
+    from .run import compute as run_compute
+
+    holdout = None if opts["holdout"].lower() == "none" else opts["holdout"]
+    config = RunConfig(
+        dataset=opts["dataset"],
+        split=opts["split"],
+        holdout=holdout,
+        limit=opts["limit"],
+        model=opts["model"],
+        mode=opts["mode"],
+        target_std=opts["target_std"],
+        tol=opts["tol"],
+        max_iter=opts["max_iter"],
+        orthogonal=opts["orthogonal"],
+        seed=opts["seed"],
+        batch_size=opts["batch_size"],
+        shard_size=opts["shard_size"],
+        verify=opts["verify"],
+    )
+    out = opts["out"] or f"data/runs/{config.dataset}-{config.model}-{config.mode}.zarr"
+    result = run_compute(
+        config,
+        out,
+        data_root=opts["data_root"],
+        download=opts["download"],
+        device=opts["device"],
+        progress=not opts["quiet"],
+        overwrite=opts["overwrite"],
+    )
+    click.echo(result.table())
+    click.echo(
+        f"\n{len(result.layers)} layers solved in {result.passes} passes, "
+        f"{result.seconds:.1f} s; wrote {result.path}"
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

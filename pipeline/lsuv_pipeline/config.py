@@ -1,0 +1,84 @@
+"""The configuration of a run: everything that determines its numbers, and nothing else.
+
+Where and how a run executes (data root, device, workers, progress) is not part of it: the
+same config gives the same store inline or on a cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+from .solve import MODES, Mode
+
+__all__ = ["RunConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """What to compute.
+
+    Attributes:
+        dataset: Dataset name (see ``data.DATASETS``).
+        split: Split the solve runs on.
+        holdout: Split measured after the solve (``None``: none).
+        limit: Use only the first ``limit`` samples of each split.
+        model: Model name (see ``models.MODELS``).
+        model_kwargs: Keyword arguments for the model factory.
+        mode: ``"tensor"`` (one scale per layer, the paper's) or ``"channel"``.
+        target_std: Output standard deviation to reach.
+        tol: Tolerance on |mean| and |std - target| for layers solved iteratively.
+        max_iter: Most passes for one iteratively solved layer.
+        orthogonal: Orthonormal pre-init before the solve (LSUV step I).
+        seed: Seed of the model's initial weights (and of the orthogonal pre-init).
+        batch_size: Samples per forward.
+        shard_size: Samples per shard, the unit of work and of resume.
+        verify: Measure every layer after the solve (and before it, at the initial weights).
+    """
+
+    dataset: str = "mnist"
+    split: str = "train"
+    holdout: str | None = "test"
+    limit: int | None = None
+    model: str = "mj"
+    model_kwargs: dict = field(default_factory=dict)
+    mode: Mode = "tensor"
+    target_std: float = 1.0
+    tol: float = 1e-4
+    max_iter: int = 20
+    orthogonal: bool = False
+    seed: int = 0
+    batch_size: int = 256
+    shard_size: int = 4096
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not (math.isfinite(self.target_std) and self.target_std > 0):
+            raise ConfigError(f"--target-std must be a positive number, got {self.target_std}")
+        if not (math.isfinite(self.tol) and self.tol > 0):
+            raise ConfigError(f"--tol must be a positive number, got {self.tol}")
+        for name in ("max_iter", "batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def differences(self, other: RunConfig) -> list[str]:
+        """Return ``"key: mine -> other"`` for every field that differs."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]

@@ -1,0 +1,289 @@
+"""Target layers: which ones, in what order, and hooks that measure their outputs.
+
+LSUV solves conv / linear layers first to last *in the order the forward pass reaches
+them*, which need not be the order they were registered in. :func:`trace` finds that order
+with one forward pass on a couple of samples, counts how often each layer runs per forward,
+and tells whether a later call of a shared layer consumes an earlier call's output (then a
+single pass cannot solve it exactly; see ``solve.py``).
+
+:func:`capture` installs forward hooks that reduce each output to per-channel moments right
+inside the hook, before any in-place op that follows the layer (``ReLU(inplace=True)``) can
+change it, and optionally stops the forward right after the layer being solved (early
+exit), so later layers are never computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import moments as mom
+from .errors import ModelError
+
+__all__ = [
+    "TARGET_TYPES",
+    "Capture",
+    "LayerInfo",
+    "capture",
+    "channel_dim",
+    "evaluating",
+    "trace",
+]
+
+TARGET_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerInfo:
+    """A target layer as the forward pass sees it.
+
+    Attributes:
+        name: Qualified module name (``model.get_submodule(name)``).
+        kind: Class name, e.g. ``"Conv2d"``.
+        calls: How many times one forward calls it (shared modules run more than once).
+        dependent: A later call's input depends on an earlier call's output, so one
+            pass does not solve it exactly.
+        channels: Output channels (what channel mode scales separately).
+    """
+
+    name: str
+    kind: str
+    calls: int
+    dependent: bool
+    channels: int
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "calls": self.calls,
+            "dependent": self.dependent,
+            "channels": self.channels,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerInfo:
+        return cls(**d)
+
+
+def channel_dim(module: nn.Module) -> int:
+    """Return the output dimension that indexes channels: -1 for Linear, else 1."""
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
+def out_channels(module: nn.Module) -> int:
+    """Return the number of output channels (features) of a target layer."""
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return module.out_channels
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode; restore each one's own mode on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _targets(model: nn.Module) -> dict[nn.Module, str]:
+    return {m: name for name, m in model.named_modules() if isinstance(m, TARGET_TYPES)}
+
+
+def _first_tensor(value) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
+    """Return the model's target layers in the order one forward pass first reaches them.
+
+    Runs one forward on ``example`` (a couple of samples is enough) in eval mode with
+    autograd on, to see which later calls of a shared layer consume its earlier outputs.
+
+    Args:
+        model: Any module; it is left unchanged, in its original train/eval mode.
+        example: A small input batch on the model's device.
+
+    Returns:
+        One :class:`LayerInfo` per target layer the forward pass calls. Target layers the
+        forward never calls are left out.
+
+    Raises:
+        ModelError: The model rejects the input, or has no conv / linear layer that runs.
+    """
+    targets = _targets(model)
+    if not targets:
+        raise ModelError(
+            f"{type(model).__name__} has no conv or linear layer "
+            f"({', '.join(t.__name__ for t in TARGET_TYPES)}); there is nothing to initialize"
+        )
+    order: list[nn.Module] = []
+    calls: dict[nn.Module, list[tuple[torch.Tensor | None, torch.Tensor]]] = {}
+
+    def hook(module, inputs, output):
+        out = _first_tensor(output)
+        if out is None:
+            return
+        if module not in calls:
+            order.append(module)
+            calls[module] = []
+        calls[module].append((_first_tensor(inputs), out))
+
+    x = example.detach().clone()
+    if x.is_floating_point():
+        x.requires_grad_(True)  # so every activation carries a graph to test dependence
+    handles = [m.register_forward_hook(hook) for m in targets]
+    try:
+        with evaluating(model), torch.enable_grad():
+            try:
+                model(x)
+            except Exception as exc:  # the user's model rejected the input
+                raise ModelError(
+                    f"{type(model).__name__} failed on an input batch of shape "
+                    f"{tuple(example.shape)}: {type(exc).__name__}: {exc}"
+                ) from exc
+            layers = [
+                LayerInfo(
+                    name=targets[m],
+                    kind=type(m).__name__,
+                    calls=len(calls[m]),
+                    dependent=_calls_depend(calls[m]),
+                    channels=out_channels(m),
+                )
+                for m in order
+            ]
+    finally:
+        for h in handles:
+            h.remove()
+    if not layers:
+        raise ModelError(
+            f"{type(model).__name__} has conv / linear layers but its forward pass "
+            "calls none of them"
+        )
+    return layers
+
+
+def _calls_depend(calls: list[tuple[torch.Tensor | None, torch.Tensor]]) -> bool:
+    """Whether some call's input depends on an earlier call's output (autograd reachability)."""
+    for j in range(1, len(calls)):
+        inp = calls[j][0]
+        if inp is None or not inp.requires_grad:
+            continue
+        for i in range(j):
+            out = calls[i][1]
+            if not out.requires_grad:
+                return True  # cannot tell: be safe, the solve then measures and iterates
+            (grad,) = torch.autograd.grad(
+                inp, out, grad_outputs=torch.ones_like(inp), retain_graph=True, allow_unused=True
+            )
+            if grad is not None:
+                return True
+    return False
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early; caught by :meth:`Capture.forward`."""
+
+
+class Capture:
+    """Hooked model whose forwards accumulate per-channel moments of named layers.
+
+    Attributes:
+        moments: Per layer name, the running per-channel moments of each call in a forward
+            (one entry for a layer called once), on the activations' device.
+    """
+
+    def __init__(self, model: nn.Module, stop_calls: int) -> None:
+        self.moments: dict[str, list[mom.Moments]] = {}
+        self._model = model
+        self._stop_calls = stop_calls
+        self._calls: dict[str, int] = {}
+
+    def forward(self, x: torch.Tensor) -> None:
+        """Run the model on ``x``, ending early after the stop layer's last call."""
+        self._calls.clear()
+        with contextlib.suppress(StopForward):
+            self._model(x)
+
+    def _call(self, name: str) -> int:
+        """Count a call of ``name`` in this forward; return its index."""
+        i = self._calls.get(name, 0)
+        self._calls[name] = i + 1
+        return i
+
+    def _add(self, name: str, call: int, part: mom.Moments) -> None:
+        per_call = self.moments.setdefault(name, [])
+        if call == len(per_call):
+            per_call.append(part)
+        else:
+            per_call[call] = mom.merge(per_call[call], part)
+
+
+@contextlib.contextmanager
+def capture(
+    model: nn.Module, layers: Sequence[LayerInfo], *, stop_after: LayerInfo | None = None
+) -> Iterator[Capture]:
+    """Hook ``layers`` so every forward adds their outputs' moments to the capture.
+
+    All calls of a shared layer are pooled. Moments are taken inside the hook, so in-place
+    ops after the layer cannot corrupt them. Hooks are removed on exit, even on error.
+
+    Args:
+        model: The model to run.
+        layers: Layers to measure.
+        stop_after: End each forward right after this layer's last call of the forward.
+
+    Yields:
+        A :class:`Capture`; call its ``forward`` per batch and read its ``moments``.
+    """
+    cap = Capture(model, stop_after.calls if stop_after is not None else 0)
+    measured = {info.name: info for info in layers}
+    hooked = dict(measured)
+    if stop_after is not None:
+        hooked.setdefault(stop_after.name, stop_after)
+
+    def make_hook(name: str, dim: int):
+        measure = name in measured
+        stop = stop_after is not None and name == stop_after.name
+
+        def hook(module, inputs, output):
+            out = _first_tensor(output)
+            if out is None:
+                return
+            call = cap._call(name)
+            if measure:
+                cap._add(name, call, mom.from_batch(out, dim))
+            if stop and call + 1 >= cap._stop_calls:
+                raise StopForward
+
+        return hook
+
+    handles = []
+    try:
+        for name in hooked:
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_hook(make_hook(name, channel_dim(module))))
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,262 @@
+"""Every Zarr read and write of a run: the schema, and reading it back.
+
+A run is one Zarr v3 group (schema 1)::
+
+    <run>.zarr/                 attrs: schema, tool, config, dataset, holdout, model,
+                                layers (forward order), status, device, versions
+      initial/<param>           the model's state before LSUV, written once
+      layers/<key>/             one group per target layer, committed after its pass:
+        count, mean, var          per-channel moments measured before solving it
+        scale, shift              the update applied: W / scale, (b - shift) / scale
+      final/<param>             the finished state (status "complete")
+      before/<split>/<key>/     per-channel moments with the initial weights
+      verify/<split>/<key>/     per-channel moments after LSUV
+
+Arrays hold numbers, attributes hold JSON; nothing is pickled. Every array records the
+sha256 of its bytes, so a missing chunk (which Zarr would read back as fill values) or a
+damaged one is caught on read. A layer group counts only once its ``committed`` attribute
+is set, which is written last. Only the coordinating process calls this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import moments as mom
+from .errors import StoreError
+from .solve import Solution
+
+__all__ = ["SCHEMA", "LayerRecord", "RunStore", "layer_key", "versions"]
+
+SCHEMA = 1
+TOOL = "lsuv-pipeline"
+
+_TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
+)}  # fmt: skip
+
+
+def layer_key(name: str) -> str:
+    """Return the group key of a layer: its module name (``"(model)"`` for the root)."""
+    return name or "(model)"
+
+
+def versions() -> dict[str, str]:
+    """Return the versions of the libraries that determine a run's numbers."""
+    out = {"python": platform.python_version()}
+    for dist in ("lsuv-pipeline", "torch", "torchvision", "numpy", "zarr", "dask", "distributed"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[dist] = importlib.metadata.version(dist)
+    return out
+
+
+def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    t = t.detach().cpu()
+    dtype = str(t.dtype).removeprefix("torch.")
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: keep the bits
+        return t.view(torch.int16).numpy(), dtype
+    return t.numpy(), dtype
+
+
+def _digest(a: np.ndarray) -> str:
+    return "sha256:" + hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """A committed layer: its moments before the solve, the update, and how it went."""
+
+    key: str
+    before: mom.Moments
+    solution: Solution
+    attrs: dict
+
+
+class RunStore:
+    """One run's Zarr group. Create with :meth:`create`, open with :meth:`open`."""
+
+    def __init__(self, group, path: Path) -> None:
+        self._group = group
+        self.path = path
+
+    # -- opening -----------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | Path, attrs: Mapping) -> RunStore:
+        """Create a new run store at ``path`` (which must not exist) with root ``attrs``."""
+        import zarr
+
+        path = Path(path)
+        if path.exists():
+            raise StoreError(f"{str(path)!r} already exists")
+        try:
+            group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        except OSError as exc:
+            raise StoreError(f"cannot create run store {str(path)!r}: {exc}") from None
+        group.attrs.update({"schema": SCHEMA, "tool": TOOL, **attrs})
+        return cls(group, path)
+
+    @classmethod
+    def open(cls, path: str | Path, *, write: bool = False) -> RunStore:
+        """Open an existing run store, checking it is one this version understands."""
+        import zarr
+
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            what = "does not exist" if not path.exists() else "is not a Zarr group"
+            raise StoreError(f"{str(path)!r} {what}; expected a run store written by {TOOL}")
+        try:
+            group = zarr.open_group(str(path), mode="r+" if write else "r", zarr_format=3)
+            attrs = dict(group.attrs)
+        except Exception as exc:
+            raise StoreError(f"{str(path)!r} cannot be read as a Zarr v3 group: {exc}") from None
+        if attrs.get("tool") != TOOL:
+            raise StoreError(f"{str(path)!r} is a Zarr group but not a run store of {TOOL}")
+        if attrs.get("schema") != SCHEMA:
+            raise StoreError(
+                f"{str(path)!r} has store schema {attrs.get('schema')!r}; this version of "
+                f"{TOOL} reads schema {SCHEMA}"
+            )
+        return cls(group, path)
+
+    # -- attributes --------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict:
+        """The root attributes (a copy)."""
+        return dict(self._group.attrs)
+
+    def update_attrs(self, **values) -> None:
+        """Set root attributes (one metadata write)."""
+        self._group.attrs.update(values)
+
+    # -- arrays ------------------------------------------------------------------
+
+    def _put(self, group, name: str, value: torch.Tensor) -> None:
+        data, dtype = _to_numpy(value)
+        group.create_array(
+            name,
+            data=data,
+            chunks=data.shape if data.ndim else (),
+            attributes={"torch_dtype": dtype, "sha256": _digest(data)},
+            overwrite=True,
+        )
+
+    def _get(self, group, name: str, where: str) -> torch.Tensor:
+        full = f"{where}/{name}"
+        try:
+            arr = group[name]
+        except KeyError:
+            raise StoreError(f"{str(self.path)!r}: array {full!r} is missing") from None
+        try:
+            data = arr[...]
+        except Exception as exc:
+            raise StoreError(f"{str(self.path)!r}: array {full!r} cannot be read: {exc}") from None
+        data = np.asarray(data)
+        attrs = arr.attrs
+        if attrs.get("sha256") != _digest(data):
+            raise StoreError(
+                f"{str(self.path)!r}: array {full!r} does not match its recorded checksum "
+                "(a chunk is missing or damaged)"
+            )
+        t = torch.from_numpy(data.copy())
+        dtype = attrs.get("torch_dtype")
+        if dtype == "bfloat16":
+            return t.view(torch.bfloat16)
+        if dtype not in _TORCH_DTYPES:
+            raise StoreError(f"{str(self.path)!r}: array {full!r} has unknown dtype {dtype!r}")
+        return t
+
+    def _sub(self, path: str, *, create: bool = False):
+        try:
+            return self._group.require_group(path) if create else self._group[path]
+        except KeyError:
+            raise StoreError(f"{str(self.path)!r}: group {path!r} is missing") from None
+
+    def has(self, path: str) -> bool:
+        """Whether a group or array exists at ``path`` inside the run."""
+        return path in self._group
+
+    # -- model states ------------------------------------------------------------
+
+    def write_state(self, kind: str, state: Mapping[str, torch.Tensor]) -> None:
+        """Write a state dict under ``kind`` (``"initial"`` or ``"final"``)."""
+        group = self._sub(kind, create=True)
+        for name, value in state.items():
+            self._put(group, name, value)
+        group.attrs.update({"names": list(state), "complete": True})
+
+    def read_state(self, kind: str) -> dict[str, torch.Tensor]:
+        """Read the state dict under ``kind`` in its recorded order."""
+        group = self._sub(kind)
+        if not group.attrs.get("complete"):
+            raise StoreError(f"{str(self.path)!r}: {kind!r} weights were not completely written")
+        return {name: self._get(group, name, kind) for name in group.attrs["names"]}
+
+    # -- moments -----------------------------------------------------------------
+
+    def _put_moments(self, group, m: mom.Moments) -> None:
+        self._put(group, "count", torch.full(m.mean.shape, m.count, dtype=torch.int64))
+        self._put(group, "mean", m.mean)
+        self._put(group, "var", m.var)
+
+    def _get_moments(self, group, where: str) -> mom.Moments:
+        count = self._get(group, "count", where)
+        mean = self._get(group, "mean", where)
+        var = self._get(group, "var", where)
+        n = int(count.flatten()[0]) if count.numel() else 0
+        return mom.Moments(count=n, mean=mean, m2=var * n)
+
+    def write_moments(self, section: str, key: str, m: mom.Moments) -> None:
+        """Write one layer's per-channel moments under ``section/key`` (e.g. verify/train)."""
+        group = self._sub(f"{section}/{key}", create=True)
+        self._put_moments(group, m)
+        group.attrs.update({"complete": True})
+
+    def read_moments(self, section: str, key: str) -> mom.Moments:
+        """Read moments written by :meth:`write_moments`."""
+        where = f"{section}/{key}"
+        group = self._sub(where)
+        if not group.attrs.get("complete"):
+            raise StoreError(f"{str(self.path)!r}: {where!r} was not completely written")
+        return self._get_moments(group, where)
+
+    # -- layers ------------------------------------------------------------------
+
+    def commit_layer(
+        self, key: str, before: mom.Moments, solution: Solution, attrs: Mapping
+    ) -> None:
+        """Write a solved layer; the ``committed`` marker goes last."""
+        where = f"layers/{key}"
+        group = self._sub(where, create=True)
+        self._put_moments(group, before)
+        self._put(group, "scale", solution.scale)
+        self._put(group, "shift", solution.shift)
+        group.attrs.update({**attrs, "committed": True})
+
+    def committed(self, key: str) -> bool:
+        """Whether the layer's commit marker is written."""
+        where = f"layers/{key}"
+        return where in self._group and bool(self._group[where].attrs.get("committed"))
+
+    def read_layer(self, key: str) -> LayerRecord:
+        """Read a committed layer."""
+        where = f"layers/{key}"
+        group = self._sub(where)
+        attrs = dict(group.attrs)
+        if not attrs.get("committed"):
+            raise StoreError(f"{str(self.path)!r}: layer {key!r} is not committed")
+        solution = Solution(
+            scale=self._get(group, "scale", where), shift=self._get(group, "shift", where)
+        )
+        return LayerRecord(key, self._get_moments(group, where), solution, attrs)

@@ -1,0 +1,210 @@
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+from torch.nn import functional as F
+
+from lsuv_pipeline import RunConfig, compute
+from lsuv_pipeline import moments as mom
+from lsuv_pipeline.data import DatasetSpec, open_source
+from lsuv_pipeline.errors import LayerError, StoreError
+from lsuv_pipeline.models import mj
+
+SMALL = dict(limit=1500, shard_size=512, batch_size=128)
+
+
+def check_layers(model, x, names, tol):
+    """Independent check: float64 copy of the model, hooks written here."""
+    model = model.double().eval()
+    seen = {}
+    hooks = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: seen.setdefault(n, []).append(o.detach().clone())
+        )
+        for n in names
+    ]
+    with torch.no_grad():
+        model(x.double())
+    for h in hooks:
+        h.remove()
+    for n in names:
+        y = torch.cat([t.flatten() for t in seen[n]])
+        assert abs(y.mean().item()) <= tol, n
+        assert abs(y.std(correction=0).item() - 1) <= tol, n
+
+
+def all_samples(data_root, limit, split="train"):
+    src = open_source(DatasetSpec(name="mnist", split=split, root=str(data_root), limit=limit))
+    return src.batch(0, src.count)
+
+
+def test_compute_writes_the_whole_store_and_solves_every_layer(tmp_path, data_root):
+    out = tmp_path / "run.zarr"
+    model = mj()
+    model.train()
+    result = compute(RunConfig(**SMALL), out, model=model, data_root=data_root, device="cpu")
+    assert model.training  # its own mode is restored
+    names = ["conv1", "conv2", "conv3", "conv4", "l1"]
+    assert [s.name for s in result.layers] == names
+    assert result.passes == 5
+
+    g = zarr.open_group(str(out), mode="r")
+    attrs = dict(g.attrs)
+    assert attrs["status"] == "complete" and attrs["schema"] == 1
+    assert [layer["name"] for layer in attrs["layers"]] == names
+    assert attrs["dataset"]["count"] == 1500 and attrs["dataset"]["fingerprint"].startswith(
+        "sha256:"
+    )
+    assert attrs["config"]["mode"] == "tensor" and "torch" in attrs["versions"]
+    for section in ("initial", "final"):
+        assert set(g[section].array_keys()) == set(model.state_dict())
+    for name in names:
+        for key in ("count", "mean", "var", "scale", "shift"):
+            assert key in g[f"layers/{name}"]
+        assert g[f"layers/{name}"].attrs["committed"] is True
+        for split in ("verify/train", "verify/test", "before/train"):
+            assert g[f"{split}/{name}/var"].shape == (model.get_submodule(name).weight.shape[0],)
+    assert g["layers/conv1/count"][0] == 1500 * 13 * 13
+
+    # the final weights are the model's, and they solve every layer on the data
+    for k, v in model.state_dict().items():
+        assert np.array_equal(g[f"final/{k}"][...], v.numpy())
+    fresh = mj()
+    fresh.load_state_dict({k: torch.from_numpy(g[f"final/{k}"][...]) for k in model.state_dict()})
+    check_layers(fresh, all_samples(data_root, 1500), names, 1e-4)
+
+
+def test_the_same_run_twice_gives_the_same_bytes(tmp_path, data_root):
+    cfg = RunConfig(**SMALL, verify=False)
+    a = compute(cfg, tmp_path / "a.zarr", data_root=data_root, device="cpu").model
+    b = compute(cfg, tmp_path / "b.zarr", data_root=data_root, device="cpu").model
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+
+
+def test_channel_mode_gives_each_channel_unit_std(tmp_path, data_root):
+    cfg = RunConfig(**SMALL, mode="channel", holdout=None)
+    result = compute(cfg, tmp_path / "c.zarr", data_root=data_root, device="cpu")
+    g = zarr.open_group(str(tmp_path / "c.zarr"), mode="r")
+    assert g["layers/conv2/scale"].shape == (16,)
+    for name in ("conv1", "conv2", "conv3", "conv4", "l1"):
+        var = g[f"verify/train/{name}/var"][...]
+        mean = g[f"verify/train/{name}/mean"][...]
+        assert np.abs(np.sqrt(var) - 1).max() < 1e-4 and np.abs(mean).max() < 1e-4, name
+    assert "verify/test" not in g
+    assert result.model.conv1.weight.dtype == torch.float32
+
+
+def test_orthogonal_pre_init_is_seeded(tmp_path, data_root):
+    runs = [
+        compute(
+            RunConfig(**SMALL, orthogonal=True, seed=seed, verify=False),
+            tmp_path / f"o{i}.zarr",
+            data_root=data_root,
+            device="cpu",
+        )
+        for i, seed in enumerate([1, 1, 2])
+    ]
+    initial = [
+        zarr.open_group(str(tmp_path / f"o{i}.zarr"))["initial/conv2.weight"][...] for i in range(3)
+    ]
+    assert np.array_equal(initial[0], initial[1]) and not np.array_equal(initial[0], initial[2])
+    w = initial[0].reshape(16, -1)
+    assert np.allclose(w @ w.T, np.eye(16), atol=1e-5)
+    assert runs[0].passes == 5
+
+
+class Twice(nn.Module):
+    """A conv applied twice in a row, and a bias-free head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10, bias=False)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.shared(x))
+        x = F.relu(self.shared(x))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["tensor", "channel"])
+def test_shared_layer_whose_calls_feed_each_other_is_iterated_to_tol(tmp_path, data_root, mode):
+    torch.manual_seed(0)
+    model = Twice()
+    cfg = RunConfig(**SMALL, mode=mode, holdout=None)
+    result = compute(cfg, tmp_path / "t.zarr", model=model, data_root=data_root, device="cpu")
+    stats = {s.name: s for s in result.layers}
+    assert 2 < stats["shared"].passes <= 12 and stats["shared"].converged
+    assert stats["stem"].passes == 1 and stats["head"].passes == 1
+    g = zarr.open_group(str(tmp_path / "t.zarr"), mode="r")
+    assert g["layers/shared"].attrs["passes"] == stats["shared"].passes
+    assert g["layers/shared"].attrs["residual_std"] <= 1e-4
+    n = int(g["verify/train/shared/count"][0])
+    pooled = mom.Moments(
+        count=n,
+        mean=torch.from_numpy(g["verify/train/shared/mean"][...]),
+        m2=torch.from_numpy(g["verify/train/shared/var"][...]) * n,
+    )
+    view = mom.reduce_channels(pooled) if mode == "tensor" else pooled
+    assert view.mean.abs().max() <= 1e-4 and (view.std - 1).abs().max() <= 1e-4
+    # the head has no bias: its std is solved, its mean is recorded, not hidden
+    assert g["layers/head"].attrs["has_bias"] is False
+    head = mom.reduce_channels(
+        mom.Moments(
+            count=int(g["verify/train/head/count"][0]),
+            mean=torch.from_numpy(g["verify/train/head/mean"][...]),
+            m2=torch.from_numpy(g["verify/train/head/var"][...])
+            * int(g["verify/train/head/count"][0]),
+        )
+    )
+    if mode == "tensor":
+        assert abs(head.std.item() - 1) <= 1e-4
+    assert abs(head.mean.item()) > 1e-3
+    assert "no bias" in result.table()
+
+
+def test_unconverged_layer_is_a_warning_in_the_table(tmp_path, data_root):
+    torch.manual_seed(0)
+    cfg = RunConfig(**SMALL, max_iter=2, holdout=None)
+    result = compute(cfg, tmp_path / "u.zarr", model=Twice(), data_root=data_root, device="cpu")
+    shared = next(s for s in result.layers if s.name == "shared")
+    assert not shared.converged and shared.passes == 2
+    assert "NOT CONVERGED" in result.table()
+    assert zarr.open_group(str(tmp_path / "u.zarr"))["layers/shared"].attrs["converged"] is False
+
+
+class DeadSecond(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(1, 4, 3)
+        self.second = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        return self.second(self.first(x) * 0)  # second sees constant input: zero variance
+
+
+def test_dead_layer_stops_the_run_naming_it_and_keeps_what_was_solved(tmp_path, data_root):
+    out = tmp_path / "dead.zarr"
+    with pytest.raises(LayerError, match=r"layer 'second'.*variance is 0"):
+        compute(RunConfig(**SMALL), out, model=DeadSecond(), data_root=data_root, device="cpu")
+    g = zarr.open_group(str(out), mode="r")
+    assert g.attrs["status"] == "running"
+    assert g["layers/first"].attrs["committed"] is True
+    assert "second" not in g["layers"]
+    assert "initial" in g
+
+
+def test_existing_store_needs_overwrite(tmp_path, data_root):
+    out = tmp_path / "x.zarr"
+    cfg = RunConfig(limit=300, shard_size=300, verify=False)
+    compute(cfg, out, data_root=data_root, device="cpu")
+    with pytest.raises(StoreError, match=r"already exists"):
+        compute(cfg, out, data_root=data_root, device="cpu")
+    compute(cfg, out, data_root=data_root, device="cpu", overwrite=True)
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(StoreError, match=r"expected a run store"):
+        compute(cfg, tmp_path / "notes", data_root=data_root, device="cpu", overwrite=True)

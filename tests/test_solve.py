@@ -1,0 +1,140 @@
+import pytest
+import torch
+from torch import nn
+
+from lsuv_pipeline import moments as mom
+from lsuv_pipeline.errors import LayerError
+from lsuv_pipeline.solve import Refinement, orthogonal_, rescale_, residual, solve
+
+
+def layers(dtype):
+    yield nn.Linear(12, 7).to(dtype), torch.randn(300, 12, dtype=dtype) * 4 + 1
+    yield nn.Conv2d(3, 6, 3).to(dtype), torch.randn(40, 3, 9, 9, dtype=dtype) - 2
+    yield nn.Conv1d(4, 8, 3, groups=2).to(dtype), torch.rand(50, 4, 20, dtype=dtype)
+    yield nn.ConvTranspose2d(4, 6, 3, groups=2).to(dtype), torch.randn(30, 4, 5, 5, dtype=dtype)
+    yield nn.Conv3d(2, 3, 2, bias=False).to(dtype), torch.randn(20, 2, 4, 4, 4, dtype=dtype) + 3
+
+
+def channel_dim(layer):
+    return -1 if isinstance(layer, nn.Linear) else 1
+
+
+def measured(layer, x):
+    with torch.no_grad():
+        return mom.from_batch(layer(x), channel_dim(layer))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("mode", ["tensor", "channel"])
+@pytest.mark.parametrize("target_std", [1.0, 0.5])
+def test_outputs_after_the_solve_have_mean_0_and_the_target_std(dtype, tol, mode, target_std):
+    for layer, x in layers(dtype):
+        has_bias = layer.bias is not None
+        m = measured(layer, x)
+        sol = solve(m, mode=mode, target_std=target_std, has_bias=has_bias, layer="l")
+        rescale_(layer, sol)
+        after = measured(layer, x)
+        view = mom.reduce_channels(after) if mode == "tensor" else after
+        assert (view.std - target_std).abs().max() <= tol * target_std, type(layer)
+        if has_bias:
+            assert view.mean.abs().max() <= tol, type(layer)
+        else:  # the mean is not solved; what remains is the mean scaled with the weights
+            before = mom.reduce_channels(m) if mode == "tensor" else m
+            expect = before.mean / sol.scale
+            assert torch.allclose(view.mean, expect, rtol=1e-4, atol=tol)
+
+
+def test_channel_mode_scales_each_output_channel_of_a_grouped_transposed_conv():
+    layer = nn.ConvTranspose2d(4, 6, 3, groups=2).double()
+    x = torch.randn(30, 4, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight[:, 1] *= 50  # make one output channel of each group much larger
+    m = measured(layer, x)
+    rescale_(layer, solve(m, mode="channel", target_std=1.0, has_bias=True))
+    after = measured(layer, x)
+    assert torch.allclose(after.std, torch.ones(6, dtype=torch.float64), atol=1e-10)
+
+
+def test_dead_channel_is_an_error_naming_the_layer_and_channel():
+    layer = nn.Conv2d(2, 4, 1)
+    with torch.no_grad():
+        layer.weight[2] = 0
+    m = measured(layer, torch.randn(10, 2, 3, 3))
+    with pytest.raises(LayerError, match=r"'block.conv'.*channel\(s\) 2 of 4"):
+        solve(m, mode="channel", target_std=1.0, has_bias=True, layer="block.conv")
+    # tensor mode pools channels, so one dead channel does not stop it; an all-dead layer does
+    with torch.no_grad():
+        layer.weight.zero_()
+    m = measured(layer, torch.randn(10, 2, 3, 3))
+    with pytest.raises(LayerError, match="variance is 0"):
+        solve(m, mode="tensor", target_std=1.0, has_bias=True, layer="block.conv")
+
+
+def test_non_finite_output_is_an_error():
+    x = torch.randn(10, 3)
+    x[4, 1] = float("nan")
+    m = measured(nn.Linear(3, 2), x)
+    with pytest.raises(LayerError, match="not finite"):
+        solve(m, mode="tensor", target_std=1.0, has_bias=True, layer="fc")
+
+
+def test_orthogonal_pre_init_is_orthonormal_and_seeded():
+    a, b = nn.Linear(16, 8), nn.Linear(16, 8)
+    orthogonal_([a], generator=torch.Generator().manual_seed(3))
+    orthogonal_([b], generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.weight, b.weight)
+    assert torch.allclose(a.weight @ a.weight.T, torch.eye(8), atol=1e-5)
+
+
+class Twice(nn.Module):
+    """A conv applied twice in a row: its second input depends on its first output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1).double()
+
+    def pooled(self, x):
+        y1 = self.conv(x)
+        y2 = self.conv(torch.relu(y1))
+        return mom.merge(mom.from_batch(y1), mom.from_batch(y2)), mom.from_batch(y1)
+
+
+def naive_passes(model, x, tol, mode):
+    """Passes the plain LSUV repeat (rescale from pooled moments) takes to reach tol."""
+    for passes in range(1, 100):
+        with torch.no_grad():
+            m, _ = model.pooled(x)
+        if residual(m, mode=mode, target_std=1.0).within(tol):
+            return passes
+        rescale_(model.conv, solve(m, mode=mode, target_std=1.0, has_bias=True))
+    return 100
+
+
+@pytest.mark.parametrize("mode", ["tensor", "channel"])
+def test_refinement_converges_where_one_step_is_not_exact_and_beats_the_plain_repeat(mode):
+    x = torch.relu(torch.randn(64, 4, 8, 8, dtype=torch.float64))
+    model = Twice()
+    base = [p.detach().clone() for p in model.conv.parameters()]
+    plain = naive_passes(model, x, 1e-4, mode)
+    with torch.no_grad():
+        for p, b in zip(model.conv.parameters(), base, strict=True):
+            p.copy_(b)
+
+    with torch.no_grad():
+        pooled, first_call = model.pooled(x)
+    sol = solve(first_call, mode=mode, target_std=1.0, has_bias=True)
+    ref = Refinement(sol, pooled, mode=mode, target_std=1.0, has_bias=True)
+    passes = 1
+    while passes < 30:
+        passes += 1
+        with torch.no_grad():
+            for p, b in zip(model.conv.parameters(), base, strict=True):
+                p.copy_(b)
+        rescale_(model.conv, ref.solution)
+        with torch.no_grad():
+            m, _ = model.pooled(x)
+        if residual(m, mode=mode, target_std=1.0).within(1e-4):
+            break
+        ref.step(m)
+    assert residual(m, mode=mode, target_std=1.0).within(1e-4)
+    assert passes < plain, (passes, plain)
