@@ -198,13 +198,13 @@ def test_dead_layer_stops_the_run_naming_it_and_keeps_what_was_solved(tmp_path, 
     assert "initial" in g
 
 
-def test_existing_store_needs_overwrite(tmp_path, data_root):
-    out = tmp_path / "x.zarr"
+def test_out_that_is_not_a_run_store_is_refused(tmp_path, data_root):
     cfg = RunConfig(limit=300, shard_size=300, verify=False)
-    compute(cfg, out, data_root=data_root, device="cpu")
-    with pytest.raises(StoreError, match=r"already exists"):
-        compute(cfg, out, data_root=data_root, device="cpu")
-    compute(cfg, out, data_root=data_root, device="cpu", overwrite=True)
     (tmp_path / "notes").mkdir()
-    with pytest.raises(StoreError, match=r"expected a run store"):
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(StoreError, match=r"not a run store"):
         compute(cfg, tmp_path / "notes", data_root=data_root, device="cpu", overwrite=True)
+    assert (tmp_path / "notes" / "todo.txt").exists()
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["x"] = 1
+    with pytest.raises(StoreError, match=r"Zarr group but not a run store"):
+        compute(cfg, tmp_path / "other.zarr", data_root=data_root, device="cpu", overwrite=True)

@@ -4,21 +4,37 @@ from lsuv_pipeline import RunConfig, compute
 result = compute(RunConfig(dataset="mnist"), "run.zarr")
 """
 
+from .checkpoint import Run, export, load_init, open_run
 from .config import RunConfig
-from .errors import ConfigError, DataError, LayerError, LsuvError, ModelError, StoreError
+from .errors import (
+    ConfigError,
+    DataError,
+    Interrupted,
+    LayerError,
+    LsuvError,
+    ModelError,
+    StoreError,
+)
 from .models import MJ, mj
-from .run import RunResult, compute
+from .run import RunResult, Verification, compute, verify
 
 __all__ = [
     "MJ",
     "ConfigError",
     "DataError",
+    "Interrupted",
     "LayerError",
     "LsuvError",
     "ModelError",
+    "Run",
     "RunConfig",
     "RunResult",
     "StoreError",
+    "Verification",
     "compute",
+    "export",
+    "load_init",
     "mj",
+    "open_run",
+    "verify",
 ]

@@ -12,7 +12,7 @@ import click
 
 from .config import RunConfig
 from .data import DATASETS
-from .errors import LsuvError
+from .errors import Interrupted, LsuvError
 from .solve import MODES
 
 __all__ = ["cli", "main"]
@@ -40,6 +40,9 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except Interrupted as exc:
+            click.echo(f"Interrupted: {exc}", err=True)
+            ctx.exit(130)
         except LsuvError as exc:
             raise click.ClickException(str(exc)) from None
 
@@ -122,10 +125,18 @@ def cli() -> None:
 @click.option(
     "--download/--no-download", default=True, show_default=True, help="Fetch a missing dataset."
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing run store.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing run store of another config or dataset.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def compute(**opts) -> None:
-    """Compute the LSUV init over a whole dataset and write it to a Zarr run store."""
+    """Compute the LSUV init over a whole dataset and write it to a Zarr run store.
+
+    Rerunning the same command resumes an interrupted run, or does nothing if the store is
+    complete and up to date.
+    """
     from .run import compute as run_compute
 
     holdout = None if opts["holdout"].lower() == "none" else opts["holdout"]
@@ -155,11 +166,98 @@ def compute(**opts) -> None:
         progress=not opts["quiet"],
         overwrite=opts["overwrite"],
     )
+    if result.up_to_date:
+        click.echo(f"{result.path} is up to date (same config and dataset); nothing to compute")
+        click.echo(result.table())
+        return
     click.echo(result.table())
     click.echo(
         f"\n{len(result.layers)} layers solved in {result.passes} passes, "
-        f"{result.seconds:.1f} s; wrote {result.path}"
+        f"{result.seconds:.1f} s; wrote {result.path}" + (" (resumed)" if result.resumed else "")
     )
+
+
+RUN = click.argument("run", metavar="RUN")
+
+
+@cli.command()
+@RUN
+def show(run: str) -> None:
+    """Print a run's config, status and per-layer statistics.
+
+    RUN is a run store path or the name of a shipped checkpoint (mnist-mj).
+    """
+    from .checkpoint import open_run
+
+    r = open_run(run)
+    d = r.attrs.get("dataset", {})
+    click.echo(f"run       {r.path}")
+    click.echo(f"status    {r.status}")
+    click.echo(
+        f"dataset   {d.get('name')} / {d.get('split')}, {d.get('count')} samples, "
+        f"{d.get('fingerprint', '')[:23]}..."
+    )
+    click.echo(f"model     {r.attrs.get('model', {}).get('class')} ({r.config.model})")
+    cfg = r.config.to_dict()
+    click.echo("config    " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    click.echo("")
+    click.echo(r.table())
+
+
+@cli.command()
+@RUN
+@click.option(
+    "--split", default="train", show_default=True, help="Split to measure (train or test)."
+)
+@click.option(
+    "--tol",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1e-4,
+    show_default=True,
+    help="Largest |mean| and |std - target| accepted per layer.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    help="Folder holding the datasets [default: $LSUV_DATA_ROOT, else data/].",
+)
+@click.option("--device", default="auto", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def verify(run: str, split: str, tol: float, data_root, device: str, quiet: bool) -> None:
+    """Measure every layer's output mean/std over a split with the run's final weights.
+
+    Exits 1 if any layer misses the tolerance.
+    """
+    from .run import verify as run_verify
+
+    result = run_verify(
+        run, split=split, tol=tol, data_root=data_root, device=device, progress=not quiet
+    )
+    click.echo(result.table())
+    if result.failures:
+        click.echo(
+            f"\n{len(result.failures)} layer(s) miss tol {tol:g} on {split}: "
+            + ", ".join(result.failures),
+            err=True,
+        )
+        raise click.exceptions.Exit(1)
+    click.echo(f"\nall {len(result.layers)} layers within {tol:g} on {split}")
+
+
+@cli.command()
+@RUN
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="File to write (a torch state dict).",
+)
+def export(run: str, out: str) -> None:
+    """Write a finished run's weights as a state dict for torch.load(..., weights_only=True)."""
+    from .checkpoint import export as export_state
+
+    path = export_state(run, out)
+    click.echo(f"wrote {path}")
 
 
 def main() -> None:

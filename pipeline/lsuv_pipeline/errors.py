@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DataError",
+    "Interrupted",
     "LayerError",
     "LsuvError",
     "ModelError",
@@ -38,3 +39,7 @@ class LayerError(LsuvError):
 
 class StoreError(LsuvError):
     """A run store that is missing, damaged, locked or of another configuration."""
+
+
+class Interrupted(LsuvError):
+    """The run was stopped on request (Ctrl-C); its store resumes where it stopped."""

@@ -20,6 +20,7 @@ class LayerStats:
         passes: Passes its solve took.
         converged: Whether it reached the tolerance.
         has_bias: Whether it could absorb its mean.
+        solved: Whether its solve is committed (a run in progress has unsolved layers).
         before: Output moments with the initial weights (training split).
         after: Output moments after LSUV, per split name.
     """
@@ -29,6 +30,7 @@ class LayerStats:
     passes: int
     converged: bool
     has_bias: bool = True
+    solved: bool = True
     before: mom.Moments | None = None
     after: dict[str, mom.Moments] = field(default_factory=dict)
 
@@ -51,7 +53,7 @@ def format_table(
     rows: Sequence[LayerStats],
     *,
     splits: Sequence[str],
-    solved: str,
+    solve_split: str,
     target_std: float,
     tol: float,
 ) -> str:
@@ -59,7 +61,7 @@ def format_table(
 
     Means and stds are pooled over all channels and positions. The note flags a layer whose
     solve did not converge, a layer without bias (its mean is not solved), and a layer
-    whose |mean| or |std - target| on the ``solved`` split exceeds ``tol``; held-out splits
+    whose |mean| or |std - target| on the ``solve_split`` exceeds ``tol``; held-out splits
     are shown, not judged.
     """
     head = ["layer", "kind", "mean before", "std before"]
@@ -70,7 +72,9 @@ def format_table(
     for r in rows:
         cells = [r.name or "(model)", r.kind, *_cell(r.before)]
         notes = []
-        if not r.converged:
+        if not r.solved:
+            notes.append("not solved yet")
+        elif not r.converged:
             notes.append("NOT CONVERGED")
         if not r.has_bias:
             notes.append("no bias: mean not solved")
@@ -81,9 +85,9 @@ def format_table(
             off = p is not None and (
                 (r.has_bias and abs(p[0]) > tol) or abs(p[1] - target_std) > tol
             )
-            if split == solved and off:
+            if split == solve_split and off:
                 notes.append(f"{split} off by > {tol:g}")
-        cells += [str(r.passes), "; ".join(notes)]
+        cells += [str(r.passes) if r.solved else "-", "; ".join(notes)]
         body.append(cells)
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]

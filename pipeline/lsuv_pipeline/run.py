@@ -8,15 +8,23 @@
         commit k to the store (moments before, scale, shift)
     final weights; verify: every layer's moments before (initial weights) and after LSUV
 
+Every finished shard is recorded in the store as it arrives, and every solved layer is
+committed, so a rerun of the same command after a crash replays ``initial`` plus the
+committed updates, keeps the finished shards of the pass in progress, and ends with the
+same bytes as an uninterrupted run. A finished store with the same config and data is up
+to date: a rerun does no pass.
+
 This module wires the others together and reports progress; the math is in ``solve.py``,
 the hooks in ``layers.py``, the IO in ``store.py``.
 """
 
 from __future__ import annotations
 
-import shutil
+import contextlib
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,15 +34,24 @@ from torch import nn
 from . import moments as mom
 from .config import RunConfig
 from .data import DatasetSpec, Source, open_source, resolve_root, shards
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, Interrupted, StoreError
 from .executors import Executor, InlineExecutor, PassPlan
 from .layers import LayerInfo, trace
+from .lock import LOCK_NAME, writer_lock
 from .models import ModelSpec, build_model
 from .report import LayerStats, format_table
 from .solve import Refinement, Residual, Solution, orthogonal_, rescale_, residual, solve
 from .store import RunStore, layer_key, versions
 
-__all__ = ["Progress", "RunResult", "TqdmProgress", "compute", "resolve_device"]
+__all__ = [
+    "Progress",
+    "RunResult",
+    "TqdmProgress",
+    "Verification",
+    "compute",
+    "resolve_device",
+    "verify",
+]
 
 
 class Progress:
@@ -74,9 +91,11 @@ class TqdmProgress(Progress):
             self._bar = None
 
     def note(self, text: str) -> None:
+        import sys
+
         from tqdm.auto import tqdm
 
-        tqdm.write(text)
+        tqdm.write(text, file=sys.stderr)
 
 
 @dataclass
@@ -88,8 +107,10 @@ class RunResult:
         model: The model, now initialized.
         config: The configuration it ran.
         layers: Per-layer statistics, in forward order.
-        passes: Passes over the solve split, verification excluded.
-        seconds: Wall time of the solve (passes and writes), verification excluded.
+        passes: Passes over the solve split this call ran, verification excluded.
+        seconds: Wall time of this call's solve (passes and writes), verification excluded.
+        up_to_date: The store was already complete for this config and data.
+        resumed: The store held an unfinished run that this call continued.
     """
 
     path: Path
@@ -98,6 +119,8 @@ class RunResult:
     layers: list[LayerStats] = field(default_factory=list)
     passes: int = 0
     seconds: float = 0.0
+    up_to_date: bool = False
+    resumed: bool = False
 
     def table(self) -> str:
         """The per-layer table: mean/std before, after on each measured split."""
@@ -105,7 +128,7 @@ class RunResult:
         return format_table(
             self.layers,
             splits=splits,
-            solved=self.config.split,
+            solve_split=self.config.split,
             target_std=self.config.target_std,
             tol=self.config.tol,
         )
@@ -151,19 +174,87 @@ def _open_sources(config: RunConfig, root: Path, download: bool) -> tuple[Source
     return train, holdout
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if not out.exists():
+class _StopFlag:
+    """Set by the first Ctrl-C; the pass stops after the batch in flight."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@contextlib.contextmanager
+def _stop_on_sigint() -> Iterator[_StopFlag]:
+    """First SIGINT: stop after the current batch. Second: interrupt at once."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
         return
-    if not overwrite:
-        raise StoreError(f"{str(out)!r} already exists; pass --overwrite to replace it")
-    RunStore.open(out)  # refuse to delete anything that is not a run store
-    shutil.rmtree(out)
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _identity(config: RunConfig, train: Source, holdout: Source | None, model_class: str) -> dict:
+    """What a store must match to be resumed or to count as up to date."""
+    return {
+        "config": config.to_dict(),
+        "dataset fingerprint": train.fingerprint,
+        "held-out fingerprint": holdout.fingerprint if holdout is not None else None,
+        "model class": model_class,
+    }
+
+
+def _stored_identity(attrs: dict) -> dict:
+    holdout = attrs.get("holdout") or {}
+    return {
+        "config": attrs.get("config"),
+        "dataset fingerprint": attrs.get("dataset", {}).get("fingerprint"),
+        "held-out fingerprint": holdout.get("fingerprint"),
+        "model class": attrs.get("model", {}).get("class"),
+    }
+
+
+def _differences(stored: dict, wanted: dict) -> list[str]:
+    out = []
+    for key, want in wanted.items():
+        have = stored.get(key)
+        if key == "config" and isinstance(have, dict):
+            out += [
+                f"--{k.replace('_', '-')}: {have.get(k)!r} -> {v!r}"
+                for k, v in want.items()
+                if have.get(k) != v
+            ]
+        elif have != want:
+            out.append(f"{key}: {have} -> {want}")
+    return out
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``out`` that exists but is neither a run store nor an empty folder."""
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"{str(out)!r} exists and is not a folder; expected a run store")
+    if out.is_dir() and not (out / "zarr.json").exists():
+        others = [p.name for p in out.iterdir() if p.name != LOCK_NAME]
+        if others:
+            raise StoreError(
+                f"{str(out)!r} exists and is not a run store (it holds {', '.join(others[:3])}); "
+                "choose another --out"
+            )
+    if (out / "zarr.json").exists():
+        RunStore.open(out)  # a Zarr group of something else, or another schema: refuse
 
 
 class _Solver:
     """One run's state: model, data, store and executor, and the passes over them."""
 
-    def __init__(self, config, model, train, store, executor, device, progress):
+    def __init__(self, config, model, train, store, executor, device, progress, stop):
         self.config = config
         self.model = model
         self.train = train
@@ -171,50 +262,87 @@ class _Solver:
         self.executor = executor
         self.device = device
         self.progress = progress
-        self.shards = shards(train.count, config.shard_size)
+        self.stop = stop
         self.passes = 0
+        self.current = ""
+        self._layers: list[LayerInfo] = []
+
+    def _advance(self, n: int) -> None:
+        self.progress.advance(n)
+        if self.stop.requested:
+            raise Interrupted(self.current)
 
     def measure(
         self,
+        pass_id: str,
         layers: Sequence[LayerInfo],
         *,
         stop_after: LayerInfo | None,
         label: str,
         source: Source | None = None,
     ) -> dict[str, list[mom.Moments]]:
-        """One pass: per layer, each call's moments over every shard, merged in shard order."""
+        """One pass: per layer, each call's moments over every shard, merged in shard order.
+
+        Shards already recorded for ``pass_id`` (by an earlier, interrupted run) are read
+        back, not recomputed; each new shard is recorded as soon as it finishes.
+        """
         source = source or self.train
-        parts = (
-            shards(source.count, self.config.shard_size)
-            if source is not self.train
-            else self.shards
+        parts = shards(source.count, self.config.shard_size)
+        keys = {info.name: layer_key(info.name) for info in layers}
+        partial = self.store.partial(
+            pass_id, len(parts), [(keys[i.name], i.calls, i.channels) for i in layers]
         )
+        results = {
+            index: {name: done[key] for name, key in keys.items()}
+            for index, done in partial.done().items()
+        }
+        todo = [s for s in parts if s.index not in results]
         plan = PassPlan(tuple(layers), stop_after, self.config.batch_size)
+        self.current = label
         self.progress.pass_started(label, source.count)
-        results: dict[int, dict[str, mom.Moments]] = {}
+        self.progress.advance(sum(len(s) for s in parts if s.index in results))
         try:
             for shard, moments in self.executor.run_pass(
-                self.model, source, parts, plan, device=self.device, on_batch=self.progress.advance
+                self.model, source, todo, plan, device=self.device, on_batch=self._advance
             ):
+                partial.put(shard.index, {keys[name]: m for name, m in moments.items()})
                 results[shard.index] = moments
         finally:
             self.progress.pass_finished()
         return {
             info.name: [
                 mom.merge_all(results[s.index][info.name][call] for s in parts)
-                for call in range(len(results[parts[0].index][info.name]))
+                for call in range(info.calls)
             ]
             for info in layers
         }
+
+    def layer_pass(self, k: int, info: LayerInfo, index: int) -> list[mom.Moments]:
+        """Pass ``index`` (1-based) of layer ``k``: its per-call output moments.
+
+        The passes of an iterated layer are recorded, so a resumed run replays its
+        refinement from them instead of measuring again.
+        """
+        key = layer_key(info.name)
+        if info.dependent:
+            recorded = self.store.read_pass(key, index)
+            if recorded is not None:
+                return list(recorded)
+        label = f"[{k + 1}/{len(self._layers)}] {info.name}"
+        if index > 1:
+            label += f" (pass {index})"
+        calls = self.measure(f"layer/{key}/{index}", [info], stop_after=info, label=label)
+        self.passes += 1
+        if info.dependent:
+            self.store.write_pass(key, index, tuple(calls[info.name]))
+        return calls[info.name]
 
     def solve_layer(self, k: int, info: LayerInfo) -> LayerStats:
         """Measure, solve and rescale one layer (iterating when its calls feed each other)."""
         config = self.config
         module = self.model.get_submodule(info.name)
         has_bias = getattr(module, "bias", None) is not None
-        n = len(self._layers)
-        calls = self.measure([info], stop_after=info, label=f"[{k + 1}/{n}] {info.name}")[info.name]
-        self.passes += 1
+        calls = self.layer_pass(k, info, 1)
         before = mom.merge_all(calls)  # all calls pooled
         # A layer whose calls feed each other starts from its first call alone, whose input
         # does not depend on the layer: the pooled one-step solve overshoots badly there.
@@ -239,37 +367,32 @@ class _Solver:
                     f"warning: layer {info.name!r} did not converge in {passes} passes "
                     f"(|mean| {res.mean:.2e}, |std - target| {res.std:.2e}, tol {config.tol:g})"
                 )
-        self.store.commit_layer(
-            layer_key(info.name),
-            before,
-            solution,
-            {
-                "index": k,
-                "name": info.name,
-                "passes": passes,
-                "residual_mean": res.mean,
-                "residual_std": res.std,
-                "converged": converged,
-                "has_bias": has_bias,
-            },
-        )
+        attrs = {
+            "index": k,
+            "name": info.name,
+            "passes": passes,
+            "residual_mean": res.mean,
+            "residual_std": res.std,
+            "converged": converged,
+            "has_bias": has_bias,
+        }
+        self.store.commit_layer(layer_key(info.name), before, solution, attrs)
         return LayerStats(
             name=info.name, kind=info.kind, passes=passes, converged=converged, has_bias=has_bias
         )
 
     def _refine(self, k, info, module, base, before, solution, has_bias):
-        """Repeat a layer's pass with secant steps until its pooled output is on target."""
+        """Repeat a layer's pass with accelerated steps until its pooled output is on target."""
         config = self.config
         refinement = Refinement(
             solution, before, mode=config.mode, target_std=config.target_std, has_bias=has_bias
         )
+        params = [p for p in (module.weight, module.bias) if p is not None]
         passes = 1
         res = Residual(mean=float("inf"), std=float("inf"))
         while passes < config.max_iter:
-            label = f"[{k + 1}/{len(self._layers)}] {info.name} (pass {passes + 1})"
-            measured = mom.merge_all(self.measure([info], stop_after=info, label=label)[info.name])
-            self.passes += 1
             passes += 1
+            measured = mom.merge_all(self.layer_pass(k, info, passes))
             res = residual(measured, mode=config.mode, target_std=config.target_std)
             self.progress.note(
                 f"{info.name}: calls feed each other; pass {passes}: |mean| {res.mean:.2e}, "
@@ -279,16 +402,33 @@ class _Solver:
                 break
             solution = refinement.step(measured)
             with torch.no_grad():
-                for p, b in zip(
-                    (q for q in (module.weight, module.bias) if q is not None), base, strict=True
-                ):
+                for p, b in zip(params, base, strict=True):
                     p.copy_(b)
             rescale_(module, solution)
         return solution, res, passes
 
     def run(self, layers: list[LayerInfo]) -> list[LayerStats]:
+        """Solve every layer in order; committed layers are replayed from the store."""
         self._layers = layers
-        return [self.solve_layer(k, info) for k, info in enumerate(layers)]
+        stats = []
+        for k, info in enumerate(layers):
+            key = layer_key(info.name)
+            if self.store.committed(key):
+                record = self.store.read_layer(key)
+                rescale_(self.model.get_submodule(info.name), record.solution)
+                a = record.attrs
+                stats.append(
+                    LayerStats(
+                        name=info.name,
+                        kind=info.kind,
+                        passes=a["passes"],
+                        converged=a["converged"],
+                        has_bias=a["has_bias"],
+                    )
+                )
+                continue
+            stats.append(self.solve_layer(k, info))
+        return stats
 
 
 def _predict(before: mom.Moments, solution: Solution) -> mom.Moments:
@@ -314,9 +454,12 @@ def compute(
 ) -> RunResult:
     """Compute the full-dataset LSUV init of a model and write it to a run store.
 
+    Rerunning the same call continues an interrupted run from its store, or, if the store
+    is complete with the same config and data, does no pass at all.
+
     Args:
         config: What to compute.
-        out: Path of the run store to write (a Zarr group).
+        out: Path of the run store (a Zarr group).
         model: A model to initialize in place; by default ``config.model`` is built with
             ``config.seed``.
         data_root: Folder with the datasets (default ``$LSUV_DATA_ROOT``, else ``data/``).
@@ -324,17 +467,20 @@ def compute(
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
         executor: Where shards run (default: inline, in this process).
         progress: ``True`` for progress bars on stderr, or a :class:`Progress`.
-        overwrite: Replace an existing run store at ``out``.
+        overwrite: Replace an existing store of another config or dataset.
 
     Returns:
         A :class:`RunResult` with the initialized model and its per-layer statistics.
 
     Raises:
         LsuvError: Bad configuration, data, model or store, or a layer that cannot be solved.
+        Interrupted: Ctrl-C; the store keeps everything finished so far.
     """
     progress = TqdmProgress() if progress is True else (progress or Progress())
     dev = resolve_device(device)
     train, holdout = _open_sources(config, resolve_root(data_root), download)
+    out = Path(out)
+    _check_out(out)
     if model is None:
         model = build_model(
             ModelSpec(name=config.model, kwargs=config.model_kwargs),
@@ -342,65 +488,117 @@ def compute(
             in_channels=train.sample_shape[0],
             num_classes=train.num_classes or 10,
         )
+    identity = _identity(config, train, holdout, type(model).__name__)
+    with writer_lock(out) as stale, _stop_on_sigint() as stop:
+        if stale:
+            progress.note(f"took over the lock of a writer that is gone (pid {stale.get('pid')})")
+        store = None
+        if (out / "zarr.json").exists():
+            store = RunStore.open(out, write=True)
+            differ = _differences(_stored_identity(store.attrs), identity)
+            if differ and not overwrite:
+                raise StoreError(
+                    f"{str(out)!r} holds a run of another configuration or dataset "
+                    f"({'; '.join(differ)}); pass --overwrite to replace it, or choose "
+                    "another --out"
+                )
+            if differ:
+                RunStore.wipe(out, keep=(LOCK_NAME,))
+                store = None
+            elif store.attrs.get("status") == "complete":
+                return _up_to_date(store, model, config, dev)
+        return _solve(config, out, model, store, train, holdout, identity, dev, executor,
+                      progress, stop)  # fmt: skip
+
+
+def _up_to_date(store: RunStore, model: nn.Module, config: RunConfig, dev) -> RunResult:
+    from .checkpoint import load_init
+
+    load_init(model.to(dev), store.path)
+    return RunResult(store.path, model, config, store.layer_stats(), up_to_date=True)
+
+
+def _solve(config, out, model, store, train, holdout, identity, dev, executor, progress, stop):
     model.to(dev)
     layers = trace(model, train.batch(0, min(2, train.count)).to(dev))
-    if config.orthogonal:
-        generator = torch.Generator(device=dev).manual_seed(config.seed)
-        orthogonal_([model.get_submodule(i.name) for i in layers], generator=generator)
-    out = Path(out)
-    _prepare_out(out, overwrite)
-    store = RunStore.create(
-        out,
-        {
-            "config": config.to_dict(),
-            "dataset": train.describe(),
-            "holdout": holdout.describe() if holdout is not None else None,
-            "model": {"spec": config.model, "class": type(model).__name__},
-            "layers": [{**i.to_dict(), "key": layer_key(i.name)} for i in layers],
-            "status": "running",
-            "device": dev.type,
-            "versions": versions(),
-        },
-    )
+    resumed = store is not None
+    if store is None:
+        if config.orthogonal:
+            generator = torch.Generator(device=dev).manual_seed(config.seed)
+            orthogonal_([model.get_submodule(i.name) for i in layers], generator=generator)
+        store = RunStore.create(
+            out,
+            {
+                "config": identity["config"],
+                "dataset": train.describe(),
+                "holdout": holdout.describe() if holdout is not None else None,
+                "model": {"spec": config.model, "class": identity["model class"]},
+                "layers": [{**i.to_dict(), "key": layer_key(i.name)} for i in layers],
+                "status": "running",
+                "device": dev.type,
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "versions": versions(),
+            },
+        )
+        store.write_state("initial", model.state_dict())
+    else:
+        stored = [d["name"] for d in store.attrs["layers"]]
+        if stored != [i.name for i in layers]:
+            raise StoreError(
+                f"{str(out)!r} was started for layers {stored}, this model has "
+                f"{[i.name for i in layers]}; pass --overwrite to start again"
+            )
+        from .checkpoint import _check_against
+
+        initial = store.read_state("initial")
+        _check_against(model, initial, repr(str(out)), strict=True)
+        model.load_state_dict(initial)
+        progress.note(f"resuming {out}")
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    store.write_state("initial", initial)
 
-    executor = executor or InlineExecutor()
-    solver = _Solver(config, model, train, store, executor, dev, progress)
+    solver = _Solver(config, model, train, store, executor or InlineExecutor(), dev, progress, stop)
     started = time.perf_counter()
-    stats = solver.run(layers)
-    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    store.write_state("final", final)
-    seconds = time.perf_counter() - started
-
-    if config.verify:
-        stats = _verify(solver, layers, stats, initial, final, holdout)
-    store.update_attrs(status="complete")
-    return RunResult(out, model, config, stats, solver.passes, seconds)
+    try:
+        stats = solver.run(layers)
+        final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        store.write_state("final", final)
+        seconds = time.perf_counter() - started
+        if config.verify:
+            stats = _verify(solver, layers, stats, initial, final, holdout)
+    except Interrupted:
+        done = sum(store.committed(layer_key(i.name)) for i in layers)
+        raise Interrupted(
+            f"interrupted during {solver.current!r} with {done} of {len(layers)} layers "
+            f"solved; finished shards are kept in {str(out)!r}: rerun the same command to resume"
+        ) from None
+    store.finish()
+    return RunResult(out, model, config, stats, solver.passes, seconds, resumed=resumed)
 
 
 def _verify(solver, layers, stats, initial, final, holdout) -> list[LayerStats]:
     """Measure every layer after LSUV on each split, and before it (initial weights)."""
     config, store = solver.config, solver.store
+    keys = [layer_key(i.name) for i in layers]
 
-    def pooled(label: str, source: Source | None = None) -> dict[str, mom.Moments]:
-        calls = solver.measure(layers, stop_after=None, label=label, source=source)
-        return {name: mom.merge_all(c) for name, c in calls.items()}
+    def section(name: str, label: str, source: Source | None = None) -> dict[str, mom.Moments]:
+        if store.section_complete(name, keys):
+            return {i.name: store.read_moments(name, layer_key(i.name)) for i in layers}
+        calls = solver.measure(name, layers, stop_after=None, label=label, source=source)
+        pooled = {n: mom.merge_all(c) for n, c in calls.items()}
+        for info in layers:
+            store.write_moments(name, layer_key(info.name), pooled[info.name])
+        return pooled
 
-    measured: dict[str, dict[str, mom.Moments]] = {}
-    measured[config.split] = pooled(f"verify {config.split}")
+    measured = {config.split: section(f"verify/{config.split}", f"verify {config.split}")}
     if holdout is not None:
-        measured[holdout.split] = pooled(f"verify {holdout.split}", holdout)
+        measured[holdout.split] = section(
+            f"verify/{holdout.split}", f"verify {holdout.split}", holdout
+        )
     solver.model.load_state_dict(initial)
     try:
-        before = pooled(f"initial {config.split}")
+        before = section(f"before/{config.split}", f"initial {config.split}")
     finally:
         solver.model.load_state_dict(final)
-    for info in layers:
-        key = layer_key(info.name)
-        store.write_moments(f"before/{config.split}", key, before[info.name])
-        for split, moments in measured.items():
-            store.write_moments(f"verify/{split}", key, moments[info.name])
     return [
         LayerStats(
             name=s.name,
@@ -413,3 +611,122 @@ def _verify(solver, layers, stats, initial, final, holdout) -> list[LayerStats]:
         )
         for s in stats
     ]
+
+
+@dataclass
+class Verification:
+    """The result of :func:`verify`: every layer's output statistics on one split.
+
+    Attributes:
+        split: The split measured.
+        layers: Per-layer statistics (``after[split]`` holds the measurement).
+        failures: Layers whose |mean| (layers with bias) or |std - target| exceeds the tolerance.
+    """
+
+    split: str
+    config: RunConfig
+    tol: float
+    layers: list[LayerStats]
+    failures: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def table(self) -> str:
+        return format_table(
+            self.layers,
+            splits=[self.split],
+            solve_split=self.split,
+            target_std=self.config.target_std,
+            tol=self.tol,
+        )
+
+
+def verify(
+    source: str | Path,
+    *,
+    split: str = "train",
+    tol: float = 1e-4,
+    model: nn.Module | None = None,
+    data_root: str | Path | None = None,
+    download: bool = True,
+    device: str | torch.device | None = "auto",
+    executor: Executor | None = None,
+    progress: Progress | bool = False,
+) -> Verification:
+    """Measure every layer of a finished run's final weights over a split, from scratch.
+
+    Args:
+        source: A run store path or a shipped checkpoint's name.
+        split: The split to measure (``"train"``, ``"test"``).
+        tol: Tolerance on |mean| and |std - target| per layer.
+        model: The model to load the weights into (default: built from the run's config).
+        data_root, download, device, executor, progress: As for :func:`compute`.
+
+    Returns:
+        A :class:`Verification`; ``ok`` is false when some layer misses ``tol``.
+    """
+    from .checkpoint import load_init, open_run
+
+    if not (tol > 0):
+        raise ConfigError(f"--tol must be a positive number, got {tol}")
+    progress = TqdmProgress() if progress is True else (progress or Progress())
+    run = open_run(source)
+    config = run.config
+    dev = resolve_device(device)
+    data = open_source(
+        DatasetSpec(
+            name=config.dataset,
+            split=split,
+            root=str(resolve_root(data_root)),
+            limit=config.limit,
+            download=download,
+        )
+    )
+    if model is None:
+        model = build_model(
+            ModelSpec(name=config.model, kwargs=config.model_kwargs),
+            seed=config.seed,
+            in_channels=data.sample_shape[0],
+            num_classes=data.num_classes or 10,
+        )
+    load_init(model, run.path)
+    model.to(dev)
+    layers = run.layers
+    executor = executor or InlineExecutor()
+    plan = PassPlan(tuple(layers), None, config.batch_size)
+    parts = shards(data.count, config.shard_size)
+    results = {}
+    progress.pass_started(f"verify {split}", data.count)
+    try:
+        for shard, moments in executor.run_pass(
+            model, data, parts, plan, device=dev, on_batch=progress.advance
+        ):
+            results[shard.index] = moments
+    finally:
+        progress.pass_finished()
+    stats, failures = [], []
+    recorded = {s.name: s for s in run.stats()}
+    for info in layers:
+        pooled = mom.merge_all(
+            mom.merge_all(results[s.index][info.name][c] for s in parts) for c in range(info.calls)
+        )
+        r = recorded[info.name]
+        t = mom.reduce_channels(pooled) if config.mode == "tensor" else pooled
+        off_std = (t.std - config.target_std).abs().max().item() > tol
+        off_mean = r.has_bias and t.mean.abs().max().item() > tol
+        if off_std or off_mean:
+            failures.append(info.name)
+        stats.append(
+            LayerStats(
+                name=info.name,
+                kind=info.kind,
+                passes=r.passes,
+                converged=r.converged,
+                has_bias=r.has_bias,
+                before=r.before,
+                after={split: pooled},
+            )
+        )
+    return Verification(split, config, tol, stats, failures)

@@ -11,11 +11,16 @@ A run is one Zarr v3 group (schema 1)::
       final/<param>             the finished state (status "complete")
       before/<split>/<key>/     per-channel moments with the initial weights
       verify/<split>/<key>/     per-channel moments after LSUV
+      passes/<key>/<p>/         per-call moments of each pass of a layer solved iteratively
+      partial/                  the pass in progress: per-shard moments, one chunk per
+                                shard, and a per-shard done flag written after them
 
 Arrays hold numbers, attributes hold JSON; nothing is pickled. Every array records the
 sha256 of its bytes, so a missing chunk (which Zarr would read back as fill values) or a
 damaged one is caught on read. A layer group counts only once its ``committed`` attribute
-is set, which is written last. Only the coordinating process calls this module.
+is set, which is written last; a rerun replays ``initial`` and the committed updates and
+continues from the partial pass, so a run killed at any moment resumes to the same bytes.
+Only the coordinating process calls this module.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import platform
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +39,10 @@ import torch
 
 from . import moments as mom
 from .errors import StoreError
+from .report import LayerStats
 from .solve import Solution
 
-__all__ = ["SCHEMA", "LayerRecord", "RunStore", "layer_key", "versions"]
+__all__ = ["SCHEMA", "LayerRecord", "Partial", "RunStore", "layer_key", "versions"]
 
 SCHEMA = 1
 TOOL = "lsuv-pipeline"
@@ -97,10 +104,10 @@ class RunStore:
         import zarr
 
         path = Path(path)
-        if path.exists():
+        if (path / "zarr.json").exists():
             raise StoreError(f"{str(path)!r} already exists")
         try:
-            group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+            group = zarr.open_group(str(path), mode="a", zarr_format=3)
         except OSError as exc:
             raise StoreError(f"cannot create run store {str(path)!r}: {exc}") from None
         group.attrs.update({"schema": SCHEMA, "tool": TOOL, **attrs})
@@ -135,10 +142,6 @@ class RunStore:
     def attrs(self) -> dict:
         """The root attributes (a copy)."""
         return dict(self._group.attrs)
-
-    def update_attrs(self, **values) -> None:
-        """Set root attributes (one metadata write)."""
-        self._group.attrs.update(values)
 
     # -- arrays ------------------------------------------------------------------
 
@@ -260,3 +263,148 @@ class RunStore:
             scale=self._get(group, "scale", where), shift=self._get(group, "shift", where)
         )
         return LayerRecord(key, self._get_moments(group, where), solution, attrs)
+
+    def layer_stats(self) -> list[LayerStats]:
+        """Per-layer statistics as far as the run got, for tables and plots."""
+        attrs = self.attrs
+        config = attrs.get("config", {})
+        split, holdout = config.get("split", "train"), config.get("holdout")
+        out = []
+        for info in attrs.get("layers", []):
+            key = info["key"]
+            solved = self.committed(key)
+            la = dict(self._group[f"layers/{key}"].attrs) if solved else {}
+            section = f"before/{split}"
+            before = (
+                self.read_moments(section, key) if self.section_complete(section, [key]) else None
+            )
+            after = {
+                sp: self.read_moments(f"verify/{sp}", key)
+                for sp in (split, holdout)
+                if sp and self.section_complete(f"verify/{sp}", [key])
+            }
+            out.append(
+                LayerStats(
+                    name=info["name"],
+                    kind=info["kind"],
+                    passes=la.get("passes", 0),
+                    converged=la.get("converged", False),
+                    has_bias=la.get("has_bias", True),
+                    solved=solved,
+                    before=before,
+                    after=after,
+                )
+            )
+        return out
+
+    # -- passes: per-shard partials and finished multi-pass results ------------------
+
+    def partial(self, pass_id: str, n_shards: int, layers: list[tuple[str, int, int]]) -> Partial:
+        """Return the per-shard record of pass ``pass_id``, starting it afresh if needed.
+
+        Args:
+            pass_id: Identifies the pass (layer and pass number, or verify split).
+            n_shards: Shards in the pass.
+            layers: ``(key, calls, channels)`` of every layer the pass measures.
+        """
+        spec = {"pass_id": pass_id, "shards": n_shards, "layers": [list(x) for x in layers]}
+        if "partial" in self._group:
+            group = self._group["partial"]
+            if {k: group.attrs.get(k) for k in spec} == spec:
+                return Partial(self, group, layers)
+        group = self._group.create_group("partial", overwrite=True)
+        for key, calls, channels in layers:
+            sub = group.create_group(key)
+            for name, shape, dtype in (
+                ("count", (n_shards, calls), "int64"),
+                ("mean", (n_shards, calls, channels), "float64"),
+                ("m2", (n_shards, calls, channels), "float64"),
+            ):
+                sub.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=dtype)
+        group.create_array("done", shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0)
+        group.attrs.update(spec)  # last: a partial group with these attrs is usable
+        return Partial(self, group, layers)
+
+    def write_pass(self, key: str, index: int, calls: tuple[mom.Moments, ...]) -> None:
+        """Record the merged per-call moments of pass ``index`` of an iterated layer."""
+        group = self._sub(f"passes/{key}/{index}", create=True)
+        self._put(group, "count", torch.tensor([c.count for c in calls], dtype=torch.int64))
+        self._put(group, "mean", torch.stack([c.mean for c in calls]))
+        self._put(group, "m2", torch.stack([c.m2 for c in calls]))
+        group.attrs.update({"complete": True})
+
+    def read_pass(self, key: str, index: int) -> tuple[mom.Moments, ...] | None:
+        """The moments :meth:`write_pass` recorded, or ``None`` if that pass did not finish."""
+        where = f"passes/{key}/{index}"
+        if where not in self._group or not self._group[where].attrs.get("complete"):
+            return None
+        group = self._group[where]
+        count = self._get(group, "count", where)
+        mean = self._get(group, "mean", where)
+        m2 = self._get(group, "m2", where)
+        return tuple(mom.Moments(int(n), mu, q) for n, mu, q in zip(count, mean, m2, strict=True))
+
+    def section_complete(self, section: str, keys: list[str]) -> bool:
+        """Whether every layer of a moments section (e.g. ``verify/train``) was written."""
+        return all(
+            f"{section}/{k}" in self._group and self._group[f"{section}/{k}"].attrs.get("complete")
+            for k in keys
+        )
+
+    def finish(self) -> None:
+        """Drop the partial-pass record and mark the run complete (the last write)."""
+        if "partial" in self._group:
+            del self._group["partial"]
+        self._group.attrs.update({"status": "complete"})
+
+    @staticmethod
+    def wipe(path: str | Path, keep: tuple[str, ...] = ()) -> None:
+        """Delete a run store's contents, keeping the folder and the entries in ``keep``."""
+        for child in Path(path).iterdir():
+            if child.name in keep:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+
+class Partial:
+    """The per-shard moments of the pass in progress, one Zarr chunk per shard."""
+
+    def __init__(self, store: RunStore, group, layers: list[tuple[str, int, int]]) -> None:
+        self._store = store
+        self._group = group
+        self._layers = layers
+
+    def done(self) -> dict[int, dict[str, tuple[mom.Moments, ...]]]:
+        """Shard index -> per-layer per-call moments, for every shard already finished."""
+        flags = np.asarray(self._group["done"][...])
+        finished = np.flatnonzero(flags).tolist()
+        if not finished:
+            return {}
+        out: dict[int, dict[str, tuple[mom.Moments, ...]]] = {i: {} for i in finished}
+        for key, _, _ in self._layers:
+            sub = self._group[key]
+            count, mean, m2 = (np.asarray(sub[n][...]) for n in ("count", "mean", "m2"))
+            for i in finished:
+                out[i][key] = tuple(
+                    mom.Moments(int(count[i, c]), torch.from_numpy(mean[i, c].copy()),
+                                torch.from_numpy(m2[i, c].copy()))
+                    for c in range(count.shape[1])
+                )  # fmt: skip
+        return out
+
+    def put(self, index: int, moments: dict[str, tuple[mom.Moments, ...]]) -> None:
+        """Record shard ``index``; its done flag is written after its moments."""
+        for key, calls, _ in self._layers:
+            sub = self._group[key]
+            parts = moments[key]
+            if len(parts) != calls:
+                raise StoreError(
+                    f"layer {key!r}: expected {calls} calls per forward, got {len(parts)}"
+                )
+            sub["count"][index] = np.array([p.count for p in parts], dtype=np.int64)
+            sub["mean"][index] = torch.stack([p.mean for p in parts]).numpy()
+            sub["m2"][index] = torch.stack([p.m2 for p in parts]).numpy()
+        self._group["done"][index] = 1

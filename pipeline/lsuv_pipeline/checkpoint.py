@@ -1,0 +1,203 @@
+"""Reading finished runs: load an init into a model, inspect a run, export a state dict.
+
+    from lsuv_pipeline import load_init, mj
+    model = load_init(mj(), "mnist-mj")          # the shipped checkpoint, by name
+    model = load_init(mj(), "runs/my-run.zarr")  # or any complete run store
+
+A checkpoint is a run store whose status is ``"complete"``; its ``final/`` arrays are the
+weights. Nothing is unpickled: the arrays are Zarr chunks checked against their sha256.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import moments as mom
+from .config import RunConfig
+from .errors import StoreError
+from .layers import LayerInfo
+from .report import LayerStats, format_table
+from .store import RunStore, layer_key
+
+__all__ = ["SHIPPED", "Run", "export", "load_init", "open_run", "resolve_checkpoint"]
+
+#: Checkpoints that ship with the package, by name.
+SHIPPED = ("mnist-mj",)
+
+
+def _shipped_path(name: str) -> Path:
+    """The shipped store ``name``: inside the installed package, else in the checkout."""
+    packaged = resources.files("lsuv_pipeline") / "checkpoints" / f"{name}.zarr"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / "data" / f"{name}.zarr"
+
+
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """Return the store path of ``source``: a path, or the name of a shipped checkpoint."""
+    path = Path(source)
+    if path.exists() or str(source) not in SHIPPED:
+        return path
+    return _shipped_path(str(source))
+
+
+@dataclass(frozen=True)
+class Run:
+    """Read access to a run store.
+
+    Attributes:
+        path: The store.
+        config: What was computed.
+        status: ``"running"`` or ``"complete"``.
+        layers: Target layers in forward order.
+        attrs: Every root attribute (dataset, model, versions, ...).
+    """
+
+    path: Path
+    config: RunConfig
+    status: str
+    layers: list[LayerInfo]
+    attrs: dict
+    _store: RunStore
+
+    def layer(self, name: str) -> dict:
+        """One committed layer: ``before`` moments, ``scale``, ``shift`` and its attributes."""
+        record = self._store.read_layer(layer_key(name))
+        return {
+            "before": record.before,
+            "scale": record.solution.scale,
+            "shift": record.solution.shift,
+            **record.attrs,
+        }
+
+    def moments(self, section: str, name: str) -> mom.Moments:
+        """Per-channel moments of a layer, e.g. ``moments("verify/test", "conv1")``."""
+        return self._store.read_moments(section, layer_key(name))
+
+    def state(self, kind: str = "final") -> dict[str, torch.Tensor]:
+        """The ``"initial"`` or ``"final"`` state dict."""
+        return self._store.read_state(kind)
+
+    def stats(self) -> list[LayerStats]:
+        """Per-layer statistics as far as the run got."""
+        return self._store.layer_stats()
+
+    def table(self) -> str:
+        """The per-layer table, as ``compute`` prints it."""
+        splits = [s for s in (self.config.split, self.config.holdout) if s]
+        return format_table(
+            self.stats(),
+            splits=splits,
+            solve_split=self.config.split,
+            target_std=self.config.target_std,
+            tol=self.config.tol,
+        )
+
+
+def open_run(path: str | os.PathLike) -> Run:
+    """Open a run store (a path or a shipped checkpoint's name) for reading.
+
+    Raises:
+        StoreError: Not a run store, another schema, or damaged metadata.
+    """
+    store = RunStore.open(resolve_checkpoint(path))
+    attrs = store.attrs
+    try:
+        config = RunConfig.from_dict(attrs["config"])
+        layers = [
+            LayerInfo.from_dict({k: v for k, v in d.items() if k != "key"}) for d in attrs["layers"]
+        ]
+        status = attrs["status"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"{str(store.path)!r}: run attributes are damaged ({exc})") from None
+    return Run(store.path, config, status, layers, attrs, store)
+
+
+def _check_against(model: nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool):
+    own = model.state_dict()
+    problems = []
+    if strict:
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if missing:
+            problems.append(f"missing from the store: {', '.join(missing[:5])}")
+        if unexpected:
+            problems.append(f"not in the model: {', '.join(unexpected[:5])}")
+    for name, value in state.items():
+        if name not in own:
+            continue
+        mine = own[name]
+        if tuple(mine.shape) != tuple(value.shape):
+            problems.append(
+                f"{name}: shape {tuple(value.shape)} in the store, {tuple(mine.shape)} in the model"
+            )
+        elif mine.dtype != value.dtype:
+            problems.append(f"{name}: dtype {value.dtype} in the store, {mine.dtype} in the model")
+    if problems:
+        raise StoreError(f"{where} does not fit {type(model).__name__}: " + "; ".join(problems))
+
+
+def load_init(model: nn.Module, source: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+    """Load the LSUV init of a finished run into ``model``, all or nothing.
+
+    Every name, shape and dtype is checked, and every array read and verified, before the
+    model is changed; on any error the model is left as it was.
+
+    Args:
+        model: The model to initialize (in place).
+        source: A run store path, or a shipped checkpoint's name (see :data:`SHIPPED`).
+        strict: Require exactly the same parameter and buffer names (like
+            :meth:`torch.nn.Module.load_state_dict`); else load the names both have.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        StoreError: Missing, damaged or incomplete store, or one that does not fit the model.
+    """
+    path = resolve_checkpoint(source)
+    store = RunStore.open(path)
+    status = store.attrs.get("status")
+    if status != "complete":
+        raise StoreError(
+            f"{str(path)!r} is not complete (status {status!r}); finish it by rerunning its "
+            "compute command"
+        )
+    state = store.read_state("final")
+    _check_against(model, state, repr(str(path)), strict)
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, value in state.items():
+            if name in own:
+                own[name].copy_(value)
+    return model
+
+
+def export(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write a finished run's final state dict to ``out`` for ``torch.load(weights_only=True)``.
+
+    The file is written beside ``out`` and renamed into place, so ``out`` is never partial.
+    """
+    path = resolve_checkpoint(source)
+    store = RunStore.open(path)
+    if store.attrs.get("status") != "complete":
+        raise StoreError(f"{str(path)!r} is not complete; nothing to export")
+    state = store.read_state("final")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,164 @@
+"""Loading, inspecting and exporting finished runs; bad stores."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from lsuv_pipeline import RunConfig, compute, export, load_init, mj, open_run
+from lsuv_pipeline.cli import cli
+from lsuv_pipeline.errors import StoreError
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("ckpt") / "run.zarr"
+    result = compute(RunConfig(limit=1000, shard_size=500), out, data_root=data_root, device="cpu")
+    return out, result.model
+
+
+def same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_load_init_round_trip(small_run):
+    out, solved = small_run
+    fresh = mj()
+    assert not same_state(fresh, solved)
+    assert load_init(fresh, out) is fresh
+    assert same_state(fresh, solved)
+
+
+def test_a_model_that_does_not_fit_is_left_untouched(small_run):
+    out, _ = small_run
+    other = mj(num_classes=7)  # l1 is (7, 32), the store has (10, 32)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(StoreError, match=r"l1.weight: shape \(10, 32\) in the store, \(7, 32\)"):
+        load_init(other, out)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    wider = torch.nn.Sequential(mj())
+    with pytest.raises(StoreError, match="missing from the store"):
+        load_init(wider, out)
+    double = mj().double()
+    with pytest.raises(StoreError, match=r"dtype torch.float32 in the store, torch.float64"):
+        load_init(double, out)
+
+
+def test_non_strict_loads_the_names_both_have(small_run):
+    out, solved = small_run
+
+    class Bigger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            m = mj()
+            self.conv1, self.conv2, self.conv3, self.conv4, self.l1 = (
+                m.conv1, m.conv2, m.conv3, m.conv4, m.l1
+            )  # fmt: skip
+            self.extra = torch.nn.Linear(2, 2)
+
+    model = Bigger()
+    extra = model.extra.weight.clone()
+    load_init(model, out, strict=False)
+    assert torch.equal(model.conv3.weight, solved.conv3.weight)
+    assert torch.equal(model.extra.weight, extra)
+
+
+def test_incomplete_store_is_refused(tmp_path, small_run):
+    out, _ = small_run
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(out, copy)
+    g = zarr.open_group(str(copy), mode="r+")
+    g.attrs["status"] = "running"
+    model = mj()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(StoreError, match="not complete"):
+        load_init(model, copy)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_open_run_gives_config_layers_and_statistics(small_run):
+    out, _ = small_run
+    run = open_run(out)
+    assert run.status == "complete" and run.config.limit == 1000
+    assert [i.name for i in run.layers] == ["conv1", "conv2", "conv3", "conv4", "l1"]
+    m = run.moments("verify/train", "conv2")
+    assert m.count == 1000 * 15 * 15 and m.mean.shape == (16,)
+    layer = run.layer("conv2")
+    assert layer["passes"] == 1 and layer["scale"].shape == ()
+    assert set(run.state("initial")) == set(run.state("final"))
+    assert "conv4" in run.table()
+
+
+def test_export_writes_a_weights_only_state_dict(tmp_path, small_run):
+    out, solved = small_run
+    path = export(out, tmp_path / "init.pt")
+    state = torch.load(path, weights_only=True)
+    assert state.keys() == solved.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in solved.state_dict().items())
+
+
+# -- bad stores ---------------------------------------------------------------------
+
+
+def damaged(tmp_path, small_run, how):
+    out, _ = small_run
+    copy = tmp_path / "bad.zarr"
+    shutil.copytree(out, copy)
+    how(copy)
+    return copy
+
+
+def chunk(store: Path, array: str) -> Path:
+    """The one chunk file of a small array (``c/0`` or ``c/0/0/0/0``)."""
+    (path,) = [f for f in (store / array / "c").rglob("*") if f.is_file()]
+    return path
+
+
+BAD = {
+    "truncated chunk": (
+        lambda p: chunk(p, "final/conv2.weight").write_bytes(
+            chunk(p, "final/conv2.weight").read_bytes()[:40]
+        ),
+        r"final/conv2.weight' cannot be read",
+    ),
+    "missing chunk": (
+        lambda p: chunk(p, "final/conv3.bias").unlink(),
+        r"final/conv3.bias' does not match its recorded checksum",
+    ),
+    "missing array": (
+        lambda p: shutil.rmtree(p / "final/l1.weight"),
+        r"array 'final/l1.weight' is missing",
+    ),
+    "unknown schema": (
+        lambda p: zarr.open_group(str(p), mode="r+").attrs.update({"schema": 99}),
+        r"has store schema 99; this version of lsuv-pipeline reads schema 1",
+    ),
+    "not a run": (
+        lambda p: (shutil.rmtree(p), zarr.open_group(str(p), mode="w")),
+        r"is a Zarr group but not a run store",
+    ),
+    "not zarr": (lambda p: (p / "zarr.json").unlink(), r"is not a Zarr group"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_store_is_one_clear_error_and_leaves_the_model_alone(tmp_path, small_run, case):
+    how, message = BAD[case]
+    path = damaged(tmp_path, small_run, how)
+    model = mj()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(StoreError, match=message) as info:
+        load_init(model, path)
+    assert str(path) in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for command in (["show", str(path)], ["export", str(path), "--out", str(tmp_path / "x.pt")]):
+        result = CliRunner().invoke(cli, command)
+        if case in ("truncated chunk", "missing chunk", "missing array") and command[0] == "show":
+            continue  # show reads statistics, not the final weights
+        assert result.exit_code == 1, (command, result.output)
+        assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
+        assert "Traceback" not in result.output
