@@ -1,6 +1,9 @@
-"""Loading, inspecting and exporting finished runs; bad stores."""
+"""Loading, inspecting and exporting finished runs; the shipped checkpoint; bad stores."""
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,9 @@ from click.testing import CliRunner
 from lsuv_pipeline import RunConfig, compute, export, load_init, mj, open_run
 from lsuv_pipeline.cli import cli
 from lsuv_pipeline.errors import StoreError
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "data" / "mnist-mj.zarr"
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +105,64 @@ def test_export_writes_a_weights_only_state_dict(tmp_path, small_run):
     state = torch.load(path, weights_only=True)
     assert state.keys() == solved.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in solved.state_dict().items())
+
+
+# -- the shipped checkpoint ---------------------------------------------------------
+
+
+def test_shipped_checkpoint_loads_by_name_and_solves_mnist():
+    model = load_init(mj(), "mnist-mj")
+    run = open_run("mnist-mj")
+    assert run.path.resolve() == SHIPPED.resolve()
+    assert run.config == RunConfig()  # the documented command: all defaults
+    assert run.attrs["dataset"]["count"] == 60000
+    final = run.state("final")
+    assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())
+
+
+def test_shipped_checkpoint_loads_by_name_from_an_installed_wheel(tmp_path):
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", str(REPO), "--no-deps", "--no-build-isolation",
+                    "-w", str(wheels)], check=True, capture_output=True)  # fmt: skip
+    (wheel,) = wheels.glob("lsuv_pipeline-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)  # fmt: skip
+    code = (
+        "import json, lsuv_pipeline\n"
+        "from lsuv_pipeline import load_init, mj\n"
+        "from lsuv_pipeline.checkpoint import resolve_checkpoint\n"
+        "m = load_init(mj(), 'mnist-mj')\n"
+        "print(json.dumps({'module': lsuv_pipeline.__file__, "
+        "'store': str(resolve_checkpoint('mnist-mj')), "
+        "'bias': m.conv4.bias.tolist()}))\n"
+    )
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["module"].startswith(str(site)) and got["store"].startswith(str(site))
+    assert got["bias"] == load_init(mj(), SHIPPED).conv4.bias.tolist()
+
+
+def test_verify_and_show_and_export_on_the_shipped_checkpoint(tmp_path, data_root):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["verify", "mnist-mj", "--data-root", str(data_root), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "all 5 layers within 0.0001 on train" in result.output
+    result = runner.invoke(
+        cli, ["verify", "mnist-mj", "--data-root", str(data_root), "--split", "test", "-q"]
+    )
+    assert result.exit_code == 1  # the held-out split is close, not within 1e-4
+    assert "miss tol 0.0001 on test" in result.stderr
+    result = runner.invoke(cli, ["show", "mnist-mj"])
+    assert result.exit_code == 0 and "status    complete" in result.output
+    result = runner.invoke(cli, ["export", "mnist-mj", "--out", str(tmp_path / "m.pt")])
+    assert result.exit_code == 0
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert set(state) == set(mj().state_dict())
 
 
 # -- bad stores ---------------------------------------------------------------------
