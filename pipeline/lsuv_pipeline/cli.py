@@ -114,8 +114,30 @@ def cli() -> None:
     help="Samples per shard: the unit of work and of resume.",
 )
 @click.option(
-    "--device", default="auto", show_default=True, help="auto (CUDA if available), cpu, cuda[:N]."
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA if available), cpu, cuda[:N]; on a cluster, what each worker uses.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Start a local dask cluster of N worker processes (one per GPU with --device cuda).",
+)
+@click.option("--scheduler", metavar="ADDRESS", help="Use the dask cluster at this address.")
+@click.option(
+    "--scheduler-file",
+    type=click.Path(dir_okay=False),
+    help="Use the dask cluster described by this scheduler file.",
+)
+@click.option(
+    "--scheduler-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=20.0,
+    show_default=True,
+    help="Seconds to wait for an existing scheduler and its first worker.",
+)
+@click.option("--allow-tf32", is_flag=True, help="Let CUDA use TF32 (faster, less reproducible).")
 @click.option(
     "--verify/--no-verify",
     default=True,
@@ -130,13 +152,14 @@ def cli() -> None:
     is_flag=True,
     help="Replace an existing run store of another config or dataset.",
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (notes and warnings stay).")
 def compute(**opts) -> None:
     """Compute the LSUV init over a whole dataset and write it to a Zarr run store.
 
     Rerunning the same command resumes an interrupted run, or does nothing if the store is
     complete and up to date.
     """
+    from .run import TqdmProgress
     from .run import compute as run_compute
 
     holdout = None if opts["holdout"].lower() == "none" else opts["holdout"]
@@ -163,7 +186,12 @@ def compute(**opts) -> None:
         data_root=opts["data_root"],
         download=opts["download"],
         device=opts["device"],
-        progress=not opts["quiet"],
+        workers=opts["workers"],
+        scheduler=opts["scheduler"],
+        scheduler_file=opts["scheduler_file"],
+        scheduler_timeout=opts["scheduler_timeout"],
+        allow_tf32=opts["allow_tf32"],
+        progress=TqdmProgress(bars=not opts["quiet"]),
         overwrite=opts["overwrite"],
     )
     if result.up_to_date:

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,10 +89,17 @@ class Source:
     num_classes: int | None
     fingerprint: str
     transform: dict
+    #: How another process opens the same source (``None``: only by pickling this object).
+    spec: DatasetSpec | None = None
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
         """Return samples ``[start, stop)`` preprocessed, as one float32 batch."""
         raise NotImplementedError
+
+    def batches(self, shard: Shard, batch_size: int) -> Iterator[torch.Tensor]:
+        """Yield the shard's samples in order, ``batch_size`` at a time."""
+        for start, stop in batches(shard, batch_size):
+            yield self.batch(start, stop)
 
     def describe(self) -> dict:
         """Return what the store records about this source."""
@@ -275,6 +282,7 @@ def open_source(spec: DatasetSpec) -> Source:
         raise DataError(f"dataset {spec.name!r} split {spec.split!r} has no samples")
     if spec.limit is not None and spec.limit < source.count:
         source = _Limited(source, spec.limit)
+    source.spec = spec
     return source
 
 

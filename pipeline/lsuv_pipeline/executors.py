@@ -5,11 +5,25 @@ each forward right after the layer being solved. :func:`measure_shard` is the wh
 one shard; an executor decides where shards run and hands back ``(shard, moments)`` pairs
 as they finish. Executors never merge: the coordinator merges in shard order, so the result
 does not depend on which executor ran the pass or in what order shards finished.
+
+- :class:`InlineExecutor` (the default) runs shards one after another in this process.
+- :class:`DaskExecutor` runs one task per (layer, shard) on a dask.distributed cluster: a
+  local one it starts (``workers=N``) or an existing one (``scheduler=`` /
+  ``scheduler_file=``). Each pass's weights go to the cluster once, as one task's
+  result that workers fetch from each other (not with every task); workers
+  open the dataset themselves from the data root and keep decoded shards in a worker-local
+  cache across the passes of a run; tasks return per-channel moments only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
+import threading
+import uuid
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -17,21 +31,28 @@ import torch
 from torch import nn
 
 from . import moments as mom
-from .data import Shard, Source, batches
+from .data import DatasetSpec, Shard, Source, open_source
+from .errors import ConfigError, LsuvError
 from .layers import LayerInfo, capture, evaluating
 
 __all__ = [
+    "DaskExecutor",
     "Executor",
+    "ExecutorError",
     "InlineExecutor",
     "PassPlan",
     "ShardMoments",
     "measure_shard",
+    "open_executor",
     "reproducible",
 ]
 
-
 #: Layer name -> per-call moments of one shard.
 ShardMoments = dict[str, tuple[mom.Moments, ...]]
+
+
+class ExecutorError(LsuvError):
+    """The cluster cannot be reached, or was lost during a pass."""
 
 
 @dataclass(frozen=True)
@@ -42,11 +63,13 @@ class PassPlan:
         layers: Layers whose output moments are accumulated.
         stop_after: End each forward after this layer (early exit), or run it whole.
         batch_size: Samples per forward.
+        allow_tf32: Let CUDA use TF32 (faster, not reproducible across GPUs).
     """
 
     layers: tuple[LayerInfo, ...]
     stop_after: LayerInfo | None
     batch_size: int
+    allow_tf32: bool = False
 
 
 @contextlib.contextmanager
@@ -78,37 +101,37 @@ def reproducible(device: torch.device, *, allow_tf32: bool = False) -> Iterator[
 
 def measure_shard(
     model: nn.Module,
-    source: Source,
-    shard: Shard,
+    batches: Iterator[torch.Tensor],
     plan: PassPlan,
     *,
     device: torch.device,
     on_batch: Callable[[int], None] | None = None,
 ) -> ShardMoments:
-    """Run ``model`` over one shard; return each planned layer's output moments per call.
-
-    Returns:
-        Layer name -> one :class:`~.moments.Moments` per call in a forward (on the CPU).
+    """Run ``model`` over one shard's batches; return each planned layer's moments per call.
 
     The model runs in eval mode under ``inference_mode``; its own modes are restored after.
     Moments stay on ``device`` until the shard ends (no host sync per batch).
+
+    Returns:
+        Layer name -> one :class:`~.moments.Moments` per call in a forward (on the CPU).
     """
     with (
         evaluating(model),
         torch.inference_mode(),
-        reproducible(device),
+        reproducible(device, allow_tf32=plan.allow_tf32),
         capture(model, plan.layers, stop_after=plan.stop_after) as cap,
     ):
-        for start, stop in batches(shard, plan.batch_size):
-            x = source.batch(start, stop).to(device, non_blocking=True)
-            cap.forward(x)
+        for x in batches:
+            cap.forward(x.to(device, non_blocking=True))
             if on_batch is not None:
-                on_batch(stop - start)
+                on_batch(x.shape[0])
     return {name: tuple(m.to("cpu") for m in calls) for name, calls in cap.moments.items()}
 
 
 class Executor:
     """Runs passes. Subclasses decide where shards run."""
+
+    description = "inline"
 
     def run_pass(
         self,
@@ -120,7 +143,11 @@ class Executor:
         device: torch.device,
         on_batch: Callable[[int], None] | None = None,
     ) -> Iterator[tuple[Shard, ShardMoments]]:
-        """Yield ``(shard, moments)`` for every shard, in completion order."""
+        """Yield ``(shard, moments)`` for every shard, in completion order.
+
+        ``on_batch(n)`` is called as samples finish (per batch inline, per shard on a
+        cluster); it may raise to stop the pass.
+        """
         raise NotImplementedError
 
     def close(self) -> None:
@@ -138,4 +165,367 @@ class InlineExecutor(Executor):
 
     def run_pass(self, model, source, shards, plan, *, device, on_batch=None):
         for shard in shards:
-            yield shard, measure_shard(model, source, shard, plan, device=device, on_batch=on_batch)
+            batches = source.batches(shard, plan.batch_size)
+            yield shard, measure_shard(model, batches, plan, device=device, on_batch=on_batch)
+
+
+# -- dask.distributed ----------------------------------------------------------------
+
+#: Decoded shards a worker keeps across the passes of a run, by default at most this many
+#: bytes (``$LSUV_WORKER_CACHE_MB`` overrides).
+WORKER_CACHE_BYTES = 2 << 30
+
+_worker_lock = threading.Lock()
+_worker_sources: dict[tuple, Source] = {}
+_worker_shards: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
+_worker_cached_bytes = 0
+
+
+def _cache_budget() -> int:
+    mb = os.environ.get("LSUV_WORKER_CACHE_MB")
+    return int(mb) << 20 if mb else WORKER_CACHE_BYTES
+
+
+def _worker_source(origin: DatasetSpec | Source) -> tuple[tuple, Source]:
+    """Open (once per worker) the source a task reads; return it with its cache key."""
+    if isinstance(origin, Source):
+        return ("object", origin.fingerprint), origin
+    key = ("spec", tuple(sorted(origin.to_dict().items())))
+    with _worker_lock:
+        if key not in _worker_sources:
+            _worker_sources[key] = open_source(origin)
+        return key, _worker_sources[key]
+
+
+def _worker_batches(origin, shard: Shard, batch_size: int) -> list[torch.Tensor]:
+    """The shard's batches, decoded once per worker and kept while the budget allows."""
+    global _worker_cached_bytes
+    source_key, source = _worker_source(origin)
+    key = (source_key, shard.start, shard.stop, batch_size)
+    with _worker_lock:
+        if key in _worker_shards:
+            _worker_shards.move_to_end(key)
+            return _worker_shards[key]
+    batches = list(source.batches(shard, batch_size))
+    size = sum(b.numel() * b.element_size() for b in batches)
+    budget = _cache_budget()
+    with _worker_lock:
+        while _worker_shards and _worker_cached_bytes + size > budget:
+            _, old = _worker_shards.popitem(last=False)
+            _worker_cached_bytes -= sum(b.numel() * b.element_size() for b in old)
+        if size <= budget:
+            _worker_shards[key] = batches
+            _worker_cached_bytes += size
+    return batches
+
+
+def _worker_device(device_type: str) -> torch.device:
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise ExecutorError("a dask worker has no CUDA device, but the run asks for cuda")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _hold(value):
+    """A task that returns its argument: how one value is put on the cluster once."""
+    return value
+
+
+class _Boxed:
+    """Carries a module through dask as one plain pickle (dask's own torch serializer
+    rebuilds modules without their hook dicts, which forward hooks need)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+
+_worker_models: dict[int, tuple[str, nn.Module, str]] = {}
+
+
+def _worker_model(boxed: _Boxed, model_key: str, state, state_key: str, device) -> nn.Module:
+    """This thread's own copy of the run's model, holding this pass's weights.
+
+    The shipped model is never run or changed: a worker may still have to send it to a
+    peer, and a module that ran carries hooks. Each thread gets a private deep copy (one
+    per worker thread, the latest run's only), loaded once per pass.
+    """
+    thread = threading.get_ident()
+    with _worker_lock:
+        entry = _worker_models.get(thread)
+    if entry is None or entry[0] != model_key:
+        entry = (model_key, copy.deepcopy(boxed.model), "")
+    key, model, loaded = entry
+    if loaded != state_key:
+        model.load_state_dict(state)
+        model.to(device)
+    with _worker_lock:
+        _worker_models[thread] = (key, model, state_key)
+    return model
+
+
+def _shard_task(
+    boxed: _Boxed,
+    model_key: str,
+    state: dict[str, torch.Tensor],
+    state_key: str,
+    origin: DatasetSpec | Source,
+    shard: Shard,
+    plan: PassPlan,
+    device_type: str,
+) -> ShardMoments:
+    """One (pass, shard) task on a worker: load this pass's weights once, measure the shard."""
+    device = _worker_device(device_type)
+    model = _worker_model(boxed, model_key, state, state_key, device)
+    batches = _worker_batches(origin, shard, plan.batch_size)
+    return measure_shard(model, iter(batches), plan, device=device)
+
+
+class DaskExecutor(Executor):
+    """Runs each pass as one task per shard on a dask.distributed cluster.
+
+    Args:
+        client: A connected ``distributed.Client``.
+        cluster: A cluster this executor started and must shut down (else ``None``).
+    """
+
+    def __init__(self, client, cluster=None) -> None:
+        self.client = client
+        self.cluster = cluster
+        self.description = f"dask ({len(client.scheduler_info()['workers'])} workers)"
+        self._model_key = None
+        self._model_future = None
+        self._source_futures: dict[int, object] = {}
+
+    @property
+    def dashboard(self) -> str | None:
+        try:
+            return self.client.dashboard_link
+        except Exception:
+            return None
+
+    def _send(self, value, name: str):
+        """Put ``value`` on the cluster once, as a task that returns it.
+
+        Unlike ``scatter(broadcast=True)``, which waits forever on a worker that just died,
+        a task result is fetched by the workers that need it and recomputed from the graph
+        if the worker holding it is lost.
+        """
+        with warnings.catch_warnings():  # "large graph": intended, it is sent once
+            warnings.simplefilter("ignore", UserWarning)
+            return self.client.submit(_hold, value, key=f"lsuv-{name}-{uuid.uuid4().hex}")
+
+    def _model(self, model: nn.Module):
+        """The model's structure, sent once per run."""
+        if self._model_key != id(model):
+            self._model_future = self._send(_Boxed(_cpu_copy(model)), "model")
+            self._model_key = id(model)
+        return self._model_future
+
+    def _origin(self, source: Source):
+        if source.spec is not None:
+            return _worker_spec(source.spec)  # workers open it from the data root
+        if id(source) not in self._source_futures:  # a user's own source: ship it once
+            self._source_futures[id(source)] = self._send(source, "source")
+        return self._source_futures[id(source)]
+
+    def run_pass(self, model, source, shards, plan, *, device, on_batch=None):
+        from distributed import as_completed
+
+        if not shards:
+            return
+        model_future = self._model(model)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        state_future = self._send(state, "weights")  # once per pass, not per task
+        state_key = state_future.key
+        origin = self._origin(source)
+        futures = {}
+        pending = set()
+        try:
+            for shard in shards:
+                future = self.client.submit(
+                    _shard_task,
+                    model_future,
+                    model_future.key,
+                    state_future,
+                    state_key,
+                    origin,
+                    shard,
+                    plan,
+                    device.type,
+                    key=f"lsuv-shard-{shard.index}-{state_key}",
+                    pure=False,
+                )
+                futures[future] = shard
+                pending.add(future)
+            for future in as_completed(list(futures)):
+                shard = futures[future]
+                pending.discard(future)
+                try:
+                    moments = future.result()
+                except _cluster_failures() as exc:
+                    raise ExecutorError(_lost(self.client, exc)) from None
+                future.release()
+                if on_batch is not None:
+                    on_batch(len(shard))
+                yield shard, moments
+        finally:
+            for future in pending:  # stopped early: drop what is still queued
+                future.cancel()
+            state_future.release()
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+            with contextlib.suppress(Exception):
+                self.cluster.close()
+        else:
+            with contextlib.suppress(Exception):
+                self.client.close()  # disconnect; the cluster stays up
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type == "cpu":
+        return model
+    return copy.deepcopy(model).to("cpu")
+
+
+def _worker_spec(spec: DatasetSpec) -> DatasetSpec:
+    """Workers never download: the coordinator already made sure the files are there."""
+    return DatasetSpec(**{**spec.to_dict(), "download": False})
+
+
+def _cluster_failures() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the cluster, not the task, failed."""
+    from concurrent.futures import CancelledError
+
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    return (CancelledError, CommClosedError, KilledWorker, OSError, TimeoutError)
+
+
+def _lost(client, exc: BaseException) -> str:
+    reason = (str(exc).strip().splitlines() or [""])[0][:200]
+    if "scheduler-connection-lost" in reason or client.status != "running":
+        what = f"lost the dask scheduler {client.scheduler.address}"
+    else:
+        what = f"the dask cluster failed ({type(exc).__name__}: {reason})"
+    return (
+        f"{what} during the pass; the finished shards are kept in the store: start the "
+        "cluster again and rerun the same command to resume"
+    )
+
+
+def _local_cluster(workers: int, device_type: str):
+    """Start ``workers`` worker processes on this machine, bound to loopback."""
+    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
+
+    if device_type == "cuda":
+        count = torch.cuda.device_count()
+        if workers > count:
+            raise ConfigError(f"--workers {workers} with --device cuda, but only {count} GPU(s)")
+        # one worker per GPU, each pinned to its device
+        spec = {
+            f"gpu-{i}": {
+                "cls": Nanny,
+                "options": {
+                    "nthreads": 1,
+                    "host": "127.0.0.1",
+                    "env": {"CUDA_VISIBLE_DEVICES": str(i)},
+                },
+            }
+            for i in range(workers)
+        }
+        scheduler = {
+            "cls": Scheduler,
+            "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"},
+        }
+        return SpecCluster(workers=spec, scheduler=scheduler, silence_logs=40)
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    return LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        silence_logs=40,
+        env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+    )
+
+
+@contextlib.contextmanager
+def open_executor(
+    *,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    device_type: str = "cpu",
+    timeout: float = 20.0,
+) -> Iterator[Executor]:
+    """Yield the executor the options ask for; shut down only what it started.
+
+    Args:
+        workers: Start a local cluster of this many worker processes.
+        scheduler: Address of a running dask scheduler (``tcp://host:8786``).
+        scheduler_file: A scheduler file written by ``dask scheduler --scheduler-file``.
+        device_type: ``"cpu"`` or ``"cuda"``: the device each worker computes on.
+        timeout: Seconds to wait for an existing scheduler.
+
+    Raises:
+        ConfigError: More than one of the three options.
+        ExecutorError: The scheduler cannot be reached.
+    """
+    chosen = [x for x in (workers, scheduler, scheduler_file) if x is not None]
+    if len(chosen) > 1:
+        raise ConfigError("use only one of --workers, --scheduler and --scheduler-file")
+    if not chosen:
+        yield InlineExecutor()
+        return
+    import logging
+
+    # a lost scheduler or worker is reported once, as an ExecutorError, not as log tracebacks
+    log = logging.getLogger("distributed")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        executor = _connect(workers, scheduler, scheduler_file, device_type, timeout)
+        try:
+            yield executor
+        finally:
+            executor.close()
+    finally:
+        log.setLevel(level)
+
+
+def _connect(workers, scheduler, scheduler_file, device_type, timeout) -> DaskExecutor:
+    from distributed import Client
+
+    if workers is not None:
+        if workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {workers}")
+        cluster = _local_cluster(workers, device_type)
+        return DaskExecutor(Client(cluster), cluster)
+    where = scheduler or scheduler_file
+    if scheduler_file is not None and not os.path.isfile(scheduler_file):
+        raise ExecutorError(f"scheduler file {scheduler_file!r} does not exist")
+    try:
+        if scheduler is not None:
+            client = Client(scheduler, timeout=timeout)
+        else:
+            client = Client(scheduler_file=scheduler_file, timeout=timeout)
+    except (OSError, TimeoutError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExecutorError(f"cannot reach the dask scheduler at {where!r}: {reason}") from None
+    executor = DaskExecutor(client)
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        executor.close()
+        raise ExecutorError(
+            f"the dask scheduler at {where!r} has no workers (waited {timeout:g} s)"
+        ) from None
+    executor.description = f"dask ({len(client.scheduler_info()['workers'])} workers)"
+    return executor

@@ -64,13 +64,15 @@ def format_table(
     whose |mean| or |std - target| on the ``solve_split`` exceeds ``tol``; held-out splits
     are shown, not judged.
     """
-    head = ["layer", "kind", "mean before", "std before"]
+    show_before = any(r.before is not None for r in rows)
+    splits = [s for s in splits if any(s in r.after for r in rows)]
+    head = ["layer", "kind"] + (["mean before", "std before"] if show_before else [])
     for split in splits:
         head += [f"mean {split}", f"std {split}"]
     head += ["passes", "note"]
     body = []
     for r in rows:
-        cells = [r.name or "(model)", r.kind, *_cell(r.before)]
+        cells = [r.name or "(model)", r.kind, *(_cell(r.before) if show_before else [])]
         notes = []
         if not r.solved:
             notes.append("not solved yet")

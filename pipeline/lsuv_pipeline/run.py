@@ -34,8 +34,8 @@ from torch import nn
 from . import moments as mom
 from .config import RunConfig
 from .data import DatasetSpec, Source, open_source, resolve_root, shards
-from .errors import ConfigError, Interrupted, StoreError
-from .executors import Executor, InlineExecutor, PassPlan
+from .errors import ConfigError, Interrupted, LsuvError, StoreError
+from .executors import DaskExecutor, Executor, InlineExecutor, PassPlan, open_executor
 from .layers import LayerInfo, trace
 from .lock import LOCK_NAME, writer_lock
 from .models import ModelSpec, build_model
@@ -71,14 +71,17 @@ class Progress:
 
 
 class TqdmProgress(Progress):
-    """One tqdm bar per pass on stderr, messages between them."""
+    """One tqdm bar per pass on stderr (unless ``bars=False``), messages between them."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, bars: bool = True) -> None:
         self._bar = None
+        self._bars = bars
 
     def pass_started(self, label: str, total: int) -> None:
         from tqdm.auto import tqdm
 
+        if not self._bars:
+            return
         self._bar = tqdm(total=total, desc=label, unit="img", unit_scale=True, leave=True)
 
     def advance(self, n: int) -> None:
@@ -163,6 +166,7 @@ def _open_sources(config: RunConfig, root: Path, download: bool) -> tuple[Source
             name=config.dataset, split=split, root=str(root), limit=config.limit, download=download
         )
 
+    root = root.resolve()  # workers may run elsewhere: they get an absolute path
     train = open_source(spec(config.split))
     holdout = None
     if config.verify and config.holdout is not None:
@@ -226,6 +230,8 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
     for key, want in wanted.items():
         have = stored.get(key)
         if key == "config" and isinstance(have, dict):
+            with contextlib.suppress(LsuvError):  # fill keys a store predates with defaults
+                have = RunConfig.from_dict(have).to_dict()
             out += [
                 f"--{k.replace('_', '-')}: {have.get(k)!r} -> {v!r}"
                 for k, v in want.items()
@@ -254,8 +260,9 @@ def _check_out(out: Path) -> None:
 class _Solver:
     """One run's state: model, data, store and executor, and the passes over them."""
 
-    def __init__(self, config, model, train, store, executor, device, progress, stop):
+    def __init__(self, config, model, train, store, executor, device, progress, stop, tf32):
         self.config = config
+        self.allow_tf32 = tf32
         self.model = model
         self.train = train
         self.store = store
@@ -297,10 +304,11 @@ class _Solver:
             for index, done in partial.done().items()
         }
         todo = [s for s in parts if s.index not in results]
-        plan = PassPlan(tuple(layers), stop_after, self.config.batch_size)
+        plan = PassPlan(tuple(layers), stop_after, self.config.batch_size, self.allow_tf32)
         self.current = label
         self.progress.pass_started(label, source.count)
-        self.progress.advance(sum(len(s) for s in parts if s.index in results))
+        if results:  # shards an interrupted run finished
+            self.progress.advance(sum(len(s) for s in parts if s.index in results))
         try:
             for shard, moments in self.executor.run_pass(
                 self.model, source, todo, plan, device=self.device, on_batch=self._advance
@@ -448,7 +456,12 @@ def compute(
     data_root: str | Path | None = None,
     download: bool = True,
     device: str | torch.device | None = "auto",
+    workers: int | None = None,
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    scheduler_timeout: float = 20.0,
     executor: Executor | None = None,
+    allow_tf32: bool = False,
     progress: Progress | bool = False,
     overwrite: bool = False,
 ) -> RunResult:
@@ -465,7 +478,13 @@ def compute(
         data_root: Folder with the datasets (default ``$LSUV_DATA_ROOT``, else ``data/``).
         download: Download a missing dataset.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-        executor: Where shards run (default: inline, in this process).
+            On a dask cluster, the device type each worker uses.
+        workers: Start a local dask cluster of this many worker processes for the run.
+        scheduler: Use the dask cluster of this scheduler address (left running).
+        scheduler_file: Use the dask cluster of this scheduler file (left running).
+        scheduler_timeout: Seconds to wait for an existing scheduler and its first worker.
+        executor: An executor of your own (overrides the three above); default inline.
+        allow_tf32: Let CUDA use TF32 in the passes (faster; results then differ by GPU).
         progress: ``True`` for progress bars on stderr, or a :class:`Progress`.
         overwrite: Replace an existing store of another config or dataset.
 
@@ -489,7 +508,20 @@ def compute(
             num_classes=train.num_classes or 10,
         )
     identity = _identity(config, train, holdout, type(model).__name__)
-    with writer_lock(out) as stale, _stop_on_sigint() as stop:
+    executors = (
+        contextlib.nullcontext(executor)
+        if executor is not None
+        else open_executor(
+            workers=workers,
+            scheduler=scheduler,
+            scheduler_file=scheduler_file,
+            device_type=dev.type,
+            timeout=scheduler_timeout,
+        )
+    )
+    with writer_lock(out) as stale, _stop_on_sigint() as stop, executors as ex:
+        if isinstance(ex, DaskExecutor):
+            progress.note(f"{ex.description}; dashboard: {ex.dashboard}")
         if stale:
             progress.note(f"took over the lock of a writer that is gone (pid {stale.get('pid')})")
         store = None
@@ -507,8 +539,8 @@ def compute(
                 store = None
             elif store.attrs.get("status") == "complete":
                 return _up_to_date(store, model, config, dev)
-        return _solve(config, out, model, store, train, holdout, identity, dev, executor,
-                      progress, stop)  # fmt: skip
+        return _solve(config, out, model, store, train, holdout, identity, dev, ex,
+                      progress, stop, allow_tf32)  # fmt: skip
 
 
 def _up_to_date(store: RunStore, model: nn.Module, config: RunConfig, dev) -> RunResult:
@@ -518,7 +550,9 @@ def _up_to_date(store: RunStore, model: nn.Module, config: RunConfig, dev) -> Ru
     return RunResult(store.path, model, config, store.layer_stats(), up_to_date=True)
 
 
-def _solve(config, out, model, store, train, holdout, identity, dev, executor, progress, stop):
+def _solve(
+    config, out, model, store, train, holdout, identity, dev, executor, progress, stop, tf32
+):
     model.to(dev)
     layers = trace(model, train.batch(0, min(2, train.count)).to(dev))
     resumed = store is not None
@@ -536,6 +570,7 @@ def _solve(config, out, model, store, train, holdout, identity, dev, executor, p
                 "layers": [{**i.to_dict(), "key": layer_key(i.name)} for i in layers],
                 "status": "running",
                 "device": dev.type,
+                "allow_tf32": tf32,
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "versions": versions(),
             },
@@ -556,7 +591,7 @@ def _solve(config, out, model, store, train, holdout, identity, dev, executor, p
         progress.note(f"resuming {out}")
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    solver = _Solver(config, model, train, store, executor or InlineExecutor(), dev, progress, stop)
+    solver = _Solver(config, model, train, store, executor, dev, progress, stop, tf32)
     started = time.perf_counter()
     try:
         stats = solver.run(layers)

@@ -1,0 +1,209 @@
+"""Executors: inline and dask give the same bytes; a lost worker or scheduler is survivable."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from lsuv_pipeline import RunConfig, compute
+from lsuv_pipeline.cli import cli
+from lsuv_pipeline.executors import DaskExecutor
+from lsuv_pipeline.run import Progress
+
+SMALL = ["--limit", "3000", "--shard-size", "500", "--batch-size", "250", "-q", "--device", "cpu"]
+CONFIG = RunConfig(limit=3000, shard_size=500, batch_size=250)
+
+
+def arrays(path):
+    out = {}
+
+    def walk(group, prefix):
+        for name, member in group.members():
+            if isinstance(member, zarr.Array):
+                out[prefix + name] = member[...]
+            else:
+                walk(member, f"{prefix}{name}/")
+
+    walk(zarr.open_group(str(path), mode="r"), "")
+    return out
+
+
+def assert_same_bytes(a, b):
+    left, right = arrays(a), arrays(b)
+    assert sorted(left) == sorted(right)
+    for key, value in left.items():
+        assert value.tobytes() == right[key].tobytes(), key
+
+
+def cli_compute(out, data_root, *extra):
+    result = CliRunner().invoke(
+        cli, ["compute", "--data-root", str(data_root), "--out", str(out), *SMALL, *extra]
+    )
+    assert result.exit_code == 0, result.output + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def inline(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("inline") / "run.zarr"
+    cli_compute(out, data_root)
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_dask_workers_give_the_inline_bytes(tmp_path, data_root, inline, workers):
+    out = tmp_path / "run.zarr"
+    result = cli_compute(out, data_root, "--workers", str(workers))
+    assert f"dask ({workers} workers); dashboard: http://127.0.0.1:" in result.stderr
+    assert_same_bytes(out, inline)
+
+
+@pytest.fixture
+def cluster():
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            silence_logs=50,
+        ) as c,
+        Client(c) as client,
+    ):
+        yield c, client
+
+
+class KillAWorker(Progress):
+    """Kills one worker process as soon as the first shard of the second pass is done."""
+
+    def __init__(self, client):
+        self.client = client
+        self.passes = 0
+        self.killed = None
+
+    def pass_started(self, label, total):
+        self.passes += 1
+
+    def advance(self, n):
+        if self.passes == 2 and self.killed is None:
+            pids = self.client.run(os.getpid)
+            self.killed = sorted(pids.values())[0]
+            os.kill(self.killed, signal.SIGKILL)
+
+
+def test_a_worker_killed_during_a_pass_costs_only_its_tasks(tmp_path, data_root, inline, cluster):
+    _, client = cluster
+    progress = KillAWorker(client)
+    executor = DaskExecutor(client)
+    compute(CONFIG, tmp_path / "run.zarr", data_root=data_root, device="cpu",
+            executor=executor, progress=progress)  # fmt: skip
+    assert progress.killed is not None
+    assert progress.killed not in client.run(os.getpid).values()  # it really died
+    assert_same_bytes(tmp_path / "run.zarr", inline)
+
+
+def test_an_existing_scheduler_is_used_and_left_running(tmp_path, data_root, inline, cluster):
+    local, client = cluster
+    out = tmp_path / "run.zarr"
+    cli_compute(out, data_root, "--scheduler", local.scheduler_address)
+    assert_same_bytes(out, inline)
+    assert client.status == "running"
+    assert len(client.scheduler_info()["workers"]) == 2
+    assert client.submit(sum, [1, 2]).result() == 3
+
+
+def test_a_scheduler_file_works_too(tmp_path, data_root, inline, cluster):
+    _, client = cluster
+    path = tmp_path / "scheduler.json"
+    client.write_scheduler_file(str(path))
+    out = tmp_path / "run.zarr"
+    cli_compute(out, data_root, "--scheduler-file", str(path))
+    assert_same_bytes(out, inline)
+    assert len(client.scheduler_info()["workers"]) == 2
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--scheduler", "tcp://127.0.0.1:9", "--scheduler-timeout", "2"],
+         "cannot reach the dask scheduler at 'tcp://127.0.0.1:9'"),
+        (["--scheduler", "no-port-here"], "cannot reach the dask scheduler at 'no-port-here'"),
+        (["--scheduler-file", "/nonexistent/s.json"],
+         "scheduler file '/nonexistent/s.json' does not exist"),
+        (["--scheduler", "tcp://127.0.0.1:9", "--workers", "2"], "use only one of"),
+    ],
+)  # fmt: skip
+def test_bad_scheduler_is_a_one_line_error(tmp_path, data_root, args, message):
+    script = Path(sys.executable).with_name("lsuv-pipeline")
+    proc = subprocess.run(
+        [str(script), "compute", "--data-root", str(data_root), "--out", str(tmp_path / "r"),
+         *SMALL, *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], proc.stderr
+
+
+def start_cluster(port, log_dir):
+    """A dask scheduler and two workers as separate processes, logging to files."""
+    with open(log_dir / "scheduler.log", "ab") as slog, open(log_dir / "worker.log", "ab") as wlog:
+        sched = subprocess.Popen(
+            ["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+             "--dashboard-address", "127.0.0.1:0"],
+            stdout=slog, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        worker = subprocess.Popen(
+            ["dask", "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--nworkers", "2",
+             "--host", "127.0.0.1", "--no-dashboard"],
+            stdout=wlog, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    return sched, worker
+
+
+def stop(*procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=30)
+
+
+def test_a_lost_scheduler_is_a_clear_error_and_the_run_resumes(tmp_path, data_root, inline):
+    bin_dir = Path(sys.executable).parent
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    out, port = tmp_path / "run.zarr", 8781
+    command = [str(bin_dir / "lsuv-pipeline"), "compute", "--data-root", str(data_root),
+               "--out", str(out), *SMALL, "--scheduler", f"tcp://127.0.0.1:{port}",
+               "--scheduler-timeout", "60"]  # fmt: skip
+    sched, worker = start_cluster(port, tmp_path)
+    try:
+        run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and not (out / "layers" / "conv2").exists():
+            time.sleep(0.1)
+        sched.kill()  # mid-run, with shards of the third pass in flight
+        _, stderr = run.communicate(timeout=240)
+    finally:
+        stop(sched, worker)
+    assert run.returncode == 1, stderr
+    assert "lost the dask scheduler" in stderr and "rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr
+    assert zarr.open_group(str(out), mode="r").attrs["status"] == "running"
+
+    sched, worker = start_cluster(port, tmp_path)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finally:
+        stop(sched, worker)
+    assert proc.returncode == 0, proc.stderr
+    assert "(resumed)" in proc.stdout
+    assert_same_bytes(out, inline)
