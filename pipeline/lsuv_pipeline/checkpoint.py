@@ -89,6 +89,19 @@ class Run:
         """Per-layer statistics as far as the run got."""
         return self._store.layer_stats()
 
+    def plot(self, path: str | os.PathLike) -> Path:
+        """Draw per-layer mean and std before and after LSUV to a PNG; return its path."""
+        from .report import plot_stats
+
+        splits = [s for s in (self.config.split, self.config.holdout) if s]
+        title = (
+            f"{self.attrs.get('model', {}).get('class', self.config.model)} on "
+            f"{self.config.dataset} ({self.config.mode} mode)"
+        )
+        return plot_stats(
+            self.stats(), path, splits=splits, target_std=self.config.target_std, title=title
+        )
+
     def table(self) -> str:
         """The per-layer table, as ``compute`` prints it."""
         splits = [s for s in (self.config.split, self.config.holdout) if s]

@@ -60,7 +60,28 @@ def cli() -> None:
     show_default=True,
     help=f"Dataset to solve on: {', '.join(sorted(DATASETS))}.",
 )
-@click.option("--model", default="mj", show_default=True, help="Model to initialize.")
+@click.option(
+    "--model",
+    default="mj",
+    show_default=True,
+    help="mj, a torchvision classification model (resnet18, vgg11_bn, ...), or "
+    "package.module:factory.",
+)
+@click.option(
+    "--model-kwargs",
+    default="{}",
+    metavar="JSON",
+    help="Keyword arguments for the model factory, as a JSON object (e.g. '{\"width\": 2}').",
+)
+@click.option(
+    "--include",
+    multiple=True,
+    metavar="REGEX",
+    help="Solve only layers whose name matches (re.search); repeatable.",
+)
+@click.option(
+    "--exclude", multiple=True, metavar="REGEX", help="Leave out matching layers; repeatable."
+)
 @click.option(
     "--data-root",
     type=click.Path(file_okay=False),
@@ -163,12 +184,16 @@ def compute(**opts) -> None:
     from .run import compute as run_compute
 
     holdout = None if opts["holdout"].lower() == "none" else opts["holdout"]
+    model_kwargs = _json_object(opts["model_kwargs"], "--model-kwargs")
     config = RunConfig(
         dataset=opts["dataset"],
         split=opts["split"],
         holdout=holdout,
         limit=opts["limit"],
         model=opts["model"],
+        model_kwargs=model_kwargs,
+        include=opts["include"],
+        exclude=opts["exclude"],
         mode=opts["mode"],
         target_std=opts["target_std"],
         tol=opts["tol"],
@@ -205,12 +230,29 @@ def compute(**opts) -> None:
     )
 
 
+def _json_object(text: str, option: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint=option) from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object", param_hint=option)
+    return value
+
+
 RUN = click.argument("run", metavar="RUN")
 
 
 @cli.command()
 @RUN
-def show(run: str) -> None:
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Also draw per-layer mean and std, before and after, to this PNG.",
+)
+def show(run: str, plot: str | None) -> None:
     """Print a run's config, status and per-layer statistics.
 
     RUN is a run store path or the name of a shipped checkpoint (mnist-mj).
@@ -230,6 +272,8 @@ def show(run: str) -> None:
     click.echo("config    " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
     click.echo("")
     click.echo(r.table())
+    if plot:
+        click.echo(f"\nwrote {r.plot(plot)}")
 
 
 @cli.command()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -33,6 +34,9 @@ class RunConfig:
         max_iter: Most passes for one iteratively solved layer.
         orthogonal: Orthonormal pre-init before the solve (LSUV step I).
         seed: Seed of the model's initial weights (and of the orthogonal pre-init).
+        include: Solve only layers whose name matches one of these regular expressions
+            (``re.search``); empty: all conv / linear layers.
+        exclude: Then leave out layers matching any of these.
         batch_size: Samples per forward.
         shard_size: Samples per shard, the unit of work and of resume.
         verify: Measure every layer after the solve (and before it, at the initial weights).
@@ -50,11 +54,24 @@ class RunConfig:
     max_iter: int = 20
     orthogonal: bool = False
     seed: int = 0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
     batch_size: int = 256
     shard_size: int = 4096
     verify: bool = True
 
     def __post_init__(self) -> None:
+        # JSON brings lists back; keep the patterns as tuples so configs compare equal
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        for option, patterns in (("--include", self.include), ("--exclude", self.exclude)):
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(
+                        f"{option} {pattern!r} is not a regular expression: {exc}"
+                    ) from None
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not (math.isfinite(self.target_std) and self.target_std > 0):
@@ -68,7 +85,9 @@ class RunConfig:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:

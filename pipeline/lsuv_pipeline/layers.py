@@ -15,6 +15,7 @@ exit), so later layers are never computed.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from . import moments as mom
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
 __all__ = [
     "TARGET_TYPES",
@@ -31,6 +32,7 @@ __all__ = [
     "capture",
     "channel_dim",
     "evaluating",
+    "select",
     "trace",
 ]
 
@@ -199,6 +201,37 @@ def _calls_depend(calls: list[tuple[torch.Tensor | None, torch.Tensor]]) -> bool
             if grad is not None:
                 return True
     return False
+
+
+def select(
+    layers: Sequence[LayerInfo], include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> list[LayerInfo]:
+    """Keep the layers whose name matches an ``include`` pattern and no ``exclude`` one.
+
+    Patterns are Python regular expressions searched in the qualified module name
+    (``re.search``: anchor with ``^`` / ``$``). No ``include`` means every layer.
+
+    Raises:
+        ConfigError: A pattern matches no layer, or nothing is left to solve.
+    """
+    names = [i.name for i in layers]
+    for option, patterns in (("--include", include), ("--exclude", exclude)):
+        for pattern in patterns:
+            if not any(re.search(pattern, n) for n in names):
+                raise ConfigError(
+                    f"{option} {pattern!r} matches no conv / linear layer; the layers are: "
+                    + ", ".join(names[:12])
+                    + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+                )
+    chosen = [
+        i
+        for i in layers
+        if (not include or any(re.search(p, i.name) for p in include))
+        and not any(re.search(p, i.name) for p in exclude)
+    ]
+    if not chosen:
+        raise ConfigError("--include / --exclude leave no layer to solve")
+    return chosen
 
 
 class StopForward(Exception):

@@ -1,12 +1,19 @@
 """Models by name.
 
-``mj`` is the small convolutional network of the LSUV write-up this project follows; it is
-the default model and the one the shipped checkpoint initializes. Every model is built with
-PyTorch's default initialization under a given seed, without touching the global RNG.
+- ``mj``: the small convolutional network of the LSUV write-up this project follows; the
+  default model, and the one the shipped checkpoint initializes.
+- Any torchvision classification model by name (``resnet18``, ``vgg11_bn``,
+  ``mobilenet_v3_small``, ``efficientnet_b0``, ...), untrained, built for the dataset's
+  number of classes, with its first convolution rebuilt for the dataset's input channels.
+- ``package.module:factory``: a callable of the user's, called with ``--model-kwargs``.
+
+Every model is built with its own default initialization drawn under a given seed, without
+touching the global RNG.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,7 +23,15 @@ from torch.nn import functional as F
 
 from .errors import ModelError
 
-__all__ = ["MJ", "MODELS", "ModelSpec", "build_model", "mj"]
+__all__ = [
+    "MJ",
+    "MODELS",
+    "ModelSpec",
+    "build_model",
+    "mj",
+    "resolve_factory",
+    "torchvision_models",
+]
 
 
 class MJ(nn.Module):
@@ -68,27 +83,117 @@ class ModelSpec:
 MODELS: dict[str, Callable[..., nn.Module]] = {"mj": mj}
 
 
+def torchvision_models() -> list[str]:
+    """Names of torchvision's classification models."""
+    from torchvision import models
+
+    return models.list_models(module=models)
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _adapt_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
+    """Rebuild the first convolution (the stem) for ``in_channels`` input channels."""
+    found = _first_conv(model)
+    if found is None or found[1].in_channels == in_channels:
+        return model
+    name, conv = found
+    if conv.groups != 1:
+        raise ModelError(
+            f"cannot adapt grouped stem convolution {name!r} to {in_channels} channels"
+        )
+    stem = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, stem)
+    return model
+
+
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    def factory(in_channels: int, num_classes: int, **kwargs) -> nn.Module:
+        from torchvision import models
+
+        model = models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        return _adapt_input_channels(model, in_channels)
+
+    return factory
+
+
+def _user_factory(name: str) -> Callable[..., nn.Module]:
+    """Resolve ``package.module:factory``; the factory gets only the user's kwargs."""
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise ModelError(f"--model {name!r}: expected package.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ModelError(
+            f"--model {name!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc})"
+        ) from None
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise ModelError(f"--model {name!r}: module {module_name!r} has no {attr!r}")
+    if not callable(factory):
+        raise ModelError(f"--model {name!r}: {attr!r} is not callable")
+
+    def call(in_channels: int, num_classes: int, **kwargs) -> nn.Module:
+        return factory(**kwargs)
+
+    return call
+
+
+def resolve_factory(name: str) -> Callable[..., nn.Module]:
+    """Return ``factory(in_channels, num_classes, **kwargs)`` for a model name.
+
+    Raises:
+        ModelError: Unknown name, or a ``package.module:factory`` that cannot be imported.
+    """
+    if name in MODELS:
+        return MODELS[name]
+    if ":" in name:
+        return _user_factory(name)
+    if name in torchvision_models():
+        return _torchvision(name)
+    raise ModelError(
+        f"unknown model {name!r}; use mj, a torchvision classification model "
+        "(resnet18, vgg11_bn, mobilenet_v3_small, efficientnet_b0, ...) or "
+        "package.module:factory"
+    )
+
+
 def build_model(
     spec: ModelSpec, *, seed: int, in_channels: int = 1, num_classes: int = 10
 ) -> nn.Module:
     """Build ``spec`` with its default init drawn under ``seed``; the global RNG is restored.
 
     Raises:
-        ModelError: Unknown name, or the factory failed.
+        ModelError: Unknown name, or the factory failed or returned no module.
     """
-    factory = MODELS.get(spec.name)
-    if factory is None:
-        raise ModelError(f"unknown model {spec.name!r}; choose one of: {', '.join(sorted(MODELS))}")
+    factory = resolve_factory(spec.name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
             model = factory(in_channels=in_channels, num_classes=num_classes, **spec.kwargs)
+        except ModelError:
+            raise
         except Exception as exc:
             raise ModelError(
                 f"building model {spec.name!r} failed: {type(exc).__name__}: {exc}"
             ) from None
     if not isinstance(model, nn.Module):
         raise ModelError(
-            f"model {spec.name!r} factory returned {type(model).__name__}, not a Module"
+            f"model {spec.name!r}: the factory returned {type(model).__name__}, not an nn.Module"
         )
     return model

@@ -1,13 +1,15 @@
-"""Tables of per-layer statistics. Formats what others measured; computes nothing new."""
+"""Tables and plots of per-layer statistics. Shows what others measured; computes nothing."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import moments as mom
 
-__all__ = ["LayerStats", "format_table"]
+__all__ = ["LayerStats", "format_table", "plot_stats"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,3 +99,57 @@ def format_table(
     for cells in body:
         lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
     return "\n".join(lines)
+
+
+def plot_stats(
+    rows: Sequence[LayerStats],
+    path: str | os.PathLike,
+    *,
+    splits: Sequence[str],
+    target_std: float = 1.0,
+    title: str = "",
+) -> Path:
+    """Draw per-layer std (top, log scale) and mean (bottom), before and after, to a PNG.
+
+    One line per series: "before" (initial weights, training split) and "after" per split;
+    the target std and mean 0 are drawn as reference lines.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.name or "(model)" for r in rows]
+    x = list(range(len(rows)))
+    series = [("before (initial weights)", lambda r: r.before, "tab:gray", "o")]
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+    for i, split in enumerate(splits):
+        series.append((f"after LSUV, {split}", lambda r, s=split: r.after.get(s), colours[i], "s"))
+    width = max(6.0, 0.38 * len(rows) + 2.5)
+    fig, (ax_std, ax_mean) = plt.subplots(2, 1, figsize=(width, 6.5), sharex=True)
+    for label, get, colour, marker in series:
+        points = [(i, _pooled(get(r))) for i, r in zip(x, rows, strict=True)]
+        points = [(i, p) for i, p in points if p is not None]
+        if not points:
+            continue
+        xs = [i for i, _ in points]
+        ax_std.plot(xs, [p[1] for _, p in points], marker=marker, color=colour, label=label)
+        ax_mean.plot(xs, [p[0] for _, p in points], marker=marker, color=colour, label=label)
+    ax_std.axhline(target_std, color="black", lw=0.8, ls="--", label=f"target std {target_std:g}")
+    ax_std.set_yscale("log")
+    ax_std.set_ylabel("output std")
+    ax_std.legend(fontsize=8, loc="best")
+    ax_mean.axhline(0.0, color="black", lw=0.8, ls="--")
+    ax_mean.set_ylabel("output mean")
+    ax_mean.set_xticks(x)
+    ax_mean.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
+    ax_std.grid(alpha=0.3)
+    ax_mean.grid(alpha=0.3)
+    if title:
+        ax_std.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

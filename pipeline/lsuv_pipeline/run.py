@@ -36,7 +36,7 @@ from .config import RunConfig
 from .data import DatasetSpec, Source, open_source, resolve_root, shards
 from .errors import ConfigError, Interrupted, LsuvError, StoreError
 from .executors import DaskExecutor, Executor, InlineExecutor, PassPlan, open_executor
-from .layers import LayerInfo, trace
+from .layers import LayerInfo, select, trace
 from .lock import LOCK_NAME, writer_lock
 from .models import ModelSpec, build_model
 from .report import LayerStats, format_table
@@ -543,6 +543,16 @@ def compute(
                       progress, stop, allow_tf32)  # fmt: skip
 
 
+def _listing(layers: list[LayerInfo], traced: list[LayerInfo]) -> str:
+    """The layers a run will solve, in forward order, as one note."""
+    names = [i.name or "(model)" for i in layers]
+    shown = ", ".join(names) if len(names) <= 30 else ", ".join(names[:30]) + ", ..."
+    left_out = len(traced) - len(layers)
+    return f"solving {len(layers)} layer(s) in forward order: {shown}" + (
+        f" ({left_out} left out by --include / --exclude)" if left_out else ""
+    )
+
+
 def _up_to_date(store: RunStore, model: nn.Module, config: RunConfig, dev) -> RunResult:
     from .checkpoint import load_init
 
@@ -554,7 +564,9 @@ def _solve(
     config, out, model, store, train, holdout, identity, dev, executor, progress, stop, tf32
 ):
     model.to(dev)
-    layers = trace(model, train.batch(0, min(2, train.count)).to(dev))
+    traced = trace(model, train.batch(0, min(2, train.count)).to(dev))
+    layers = select(traced, config.include, config.exclude)
+    progress.note(_listing(layers, traced))
     resumed = store is not None
     if store is None:
         if config.orthogonal:
