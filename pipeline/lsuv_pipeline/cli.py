@@ -334,4 +334,11 @@ def export(run: str, out: str) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    import logging
+
+    # This process reports cluster failures itself, once; dask's threads may still log
+    # after a run ended (a client reconnecting to a scheduler that is gone).
+    logging.getLogger("distributed").addFilter(lambda record: False)
+    for name in ("distributed.client", "distributed.comm", "distributed.core"):
+        logging.getLogger(name).addFilter(lambda record: False)
     cli()

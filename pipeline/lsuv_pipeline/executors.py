@@ -31,11 +31,14 @@ import torch
 from torch import nn
 
 from . import moments as mom
+from .cache import ActivationCache, Segments, default_budget
 from .data import DatasetSpec, Shard, Source, open_source
 from .errors import ConfigError, LsuvError
-from .layers import LayerInfo, capture, evaluating
+from .layers import LayerInfo, capture, evaluating, solved_outputs
+from .solve import Solution
 
 __all__ = [
+    "CachePlan",
     "DaskExecutor",
     "Executor",
     "ExecutorError",
@@ -51,6 +54,24 @@ __all__ = [
 ShardMoments = dict[str, tuple[mom.Moments, ...]]
 
 
+@dataclass(frozen=True)
+class CachePlan:
+    """Run a layer's pass from cached activations (see ``cache.py``).
+
+    Attributes:
+        token: Identifies the run; cuts of another run are never used.
+        layers: The run's target layers, in forward order (where the graph is cut).
+        index: The layer this pass measures.
+        budget: Most bytes of cached activations per process (``None``: half the memory
+            free on the device when the cache is first used).
+    """
+
+    token: str
+    layers: tuple[LayerInfo, ...]
+    index: int
+    budget: int | None = None
+
+
 class ExecutorError(LsuvError):
     """The cluster cannot be reached, or was lost during a pass."""
 
@@ -64,12 +85,17 @@ class PassPlan:
         stop_after: End each forward after this layer (early exit), or run it whole.
         batch_size: Samples per forward.
         allow_tf32: Let CUDA use TF32 (faster, not reproducible across GPUs).
+        solved: ``(layer name, update)`` of the layers solved so far: their outputs are
+            mapped through their updates (the model keeps its initial weights).
+        cache: Measure from cached activations (one layer, early exit implied).
     """
 
     layers: tuple[LayerInfo, ...]
     stop_after: LayerInfo | None
     batch_size: int
     allow_tf32: bool = False
+    solved: tuple[tuple[str, Solution], ...] = ()
+    cache: CachePlan | None = None
 
 
 @contextlib.contextmanager
@@ -119,6 +145,7 @@ def measure_shard(
         evaluating(model),
         torch.inference_mode(),
         reproducible(device, allow_tf32=plan.allow_tf32),
+        solved_outputs(model, plan.solved),
         capture(model, plan.layers, stop_after=plan.stop_after) as cap,
     ):
         for x in batches:
@@ -126,6 +153,48 @@ def measure_shard(
             if on_batch is not None:
                 on_batch(x.shape[0])
     return {name: tuple(m.to("cpu") for m in calls) for name, calls in cap.moments.items()}
+
+
+class _CachedRunner:
+    """Segments and activation cache of one process (the coordinator, or a worker thread)."""
+
+    def __init__(self) -> None:
+        self.segments: Segments | None = None
+        self.segments_key: tuple | None = None
+        self.cache: ActivationCache | None = None
+        self.per_sample = 0  # bytes of a cached cut per sample, last seen
+
+    def measure(self, model, source_batches, shard, plan, device, on_batch) -> ShardMoments:
+        spec = plan.cache
+        key = (id(model), tuple(i.name for i in spec.layers))
+        if self.segments_key != key:
+            self.segments = Segments(model, spec.layers)
+            self.segments_key = key
+        if self.cache is None:
+            budget = spec.budget if spec.budget is not None else default_budget(device)
+            self.cache = ActivationCache(budget)
+        state = self.cache.take(spec.token, shard.index)
+        keep = state is not None or self.cache.room(self.per_sample * len(shard))
+        index = {name: k for k, name in enumerate(self.segments.names)}
+        solved = {index[name]: sol for name, sol in plan.solved if name in index}
+        with (
+            evaluating(model),
+            torch.inference_mode(),
+            reproducible(device, allow_tf32=plan.allow_tf32),
+        ):
+            moments, new = self.segments.measure(
+                source_batches(),
+                spec.index,
+                solved,
+                device,
+                state,
+                keep,
+                on_batch,
+            )
+        if new is not None:
+            self.per_sample = max(self.per_sample, new.nbytes // max(1, len(shard)))
+            self.cache.put(spec.token, shard.index, new)
+        return {spec.layers[spec.index].name: moments}
 
 
 class Executor:
@@ -163,10 +232,24 @@ class Executor:
 class InlineExecutor(Executor):
     """Runs every shard in this process, in shard order, on one device."""
 
+    def __init__(self) -> None:
+        self._cached = _CachedRunner()
+
     def run_pass(self, model, source, shards, plan, *, device, on_batch=None):
         for shard in shards:
-            batches = source.batches(shard, plan.batch_size)
-            yield shard, measure_shard(model, batches, plan, device=device, on_batch=on_batch)
+            if plan.cache is not None:
+                moments = self._cached.measure(
+                    model,
+                    lambda shard=shard: source.batches(shard, plan.batch_size),
+                    shard,
+                    plan,
+                    device,
+                    on_batch,
+                )
+            else:
+                batches = source.batches(shard, plan.batch_size)
+                moments = measure_shard(model, batches, plan, device=device, on_batch=on_batch)
+            yield shard, moments
 
 
 # -- dask.distributed ----------------------------------------------------------------
@@ -264,6 +347,10 @@ def _worker_model(boxed: _Boxed, model_key: str, state, state_key: str, device) 
     return model
 
 
+_worker_runners: dict[int, _CachedRunner] = {}
+_worker_cache: ActivationCache | None = None
+
+
 def _shard_task(
     boxed: _Boxed,
     model_key: str,
@@ -273,12 +360,37 @@ def _shard_task(
     shard: Shard,
     plan: PassPlan,
     device_type: str,
-) -> ShardMoments:
-    """One (pass, shard) task on a worker: load this pass's weights once, measure the shard."""
+) -> tuple[ShardMoments, str | None]:
+    """One (pass, shard) task on a worker: load this pass's weights once, measure the shard.
+
+    Returns the moments and, for a cached pass, this worker's address (it now holds the
+    shard's cut, so the shard's next pass should run here).
+    """
+    global _worker_cache
     device = _worker_device(device_type)
     model = _worker_model(boxed, model_key, state, state_key, device)
-    batches = _worker_batches(origin, shard, plan.batch_size)
-    return measure_shard(model, iter(batches), plan, device=device)
+    if plan.cache is None:
+        batches = _worker_batches(origin, shard, plan.batch_size)
+        return measure_shard(model, iter(batches), plan, device=device), None
+    from distributed import get_worker
+
+    with _worker_lock:
+        runner = _worker_runners.setdefault(threading.get_ident(), _CachedRunner())
+        if _worker_cache is None:  # one budget for the worker, shared by its threads
+            budget = plan.cache.budget
+            _worker_cache = ActivationCache(
+                budget if budget is not None else default_budget(device)
+            )
+        runner.cache = _worker_cache
+    moments = runner.measure(
+        model,
+        lambda: _worker_source(origin)[1].batches(shard, plan.batch_size),
+        shard,
+        plan,
+        device,
+        None,
+    )
+    return moments, get_worker().address
 
 
 class DaskExecutor(Executor):
@@ -296,6 +408,9 @@ class DaskExecutor(Executor):
         self._model_key = None
         self._model_future = None
         self._source_futures: dict[int, object] = {}
+        self._state = None
+        self._state_future = None
+        self._owner: dict[int, str] = {}  # shard -> worker holding its cached cut
 
     @property
     def dashboard(self) -> str | None:
@@ -322,6 +437,23 @@ class DaskExecutor(Executor):
             self._model_key = id(model)
         return self._model_future
 
+    def _weights(self, model: nn.Module):
+        """The model's current weights on the cluster, sent again only when they change.
+
+        During the solve they stay the initial weights (solved layers are applied to their
+        outputs), so they are sent once for the solve and once per verification state.
+        """
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        same = self._state is not None and all(
+            torch.equal(state[k], v) for k, v in self._state.items()
+        )
+        if not same:
+            if self._state_future is not None:
+                self._state_future.release()
+            self._state = {k: v.clone() for k, v in state.items()}
+            self._state_future = self._send(state, "weights")
+        return self._state_future
+
     def _origin(self, source: Source):
         if source.spec is not None:
             return _worker_spec(source.spec)  # workers open it from the data root
@@ -335,14 +467,14 @@ class DaskExecutor(Executor):
         if not shards:
             return
         model_future = self._model(model)
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        state_future = self._send(state, "weights")  # once per pass, not per task
+        state_future = self._weights(model)
         state_key = state_future.key
         origin = self._origin(source)
         futures = {}
         pending = set()
         try:
             for shard in shards:
+                owner = self._owner.get(shard.index) if plan.cache is not None else None
                 future = self.client.submit(
                     _shard_task,
                     model_future,
@@ -353,8 +485,11 @@ class DaskExecutor(Executor):
                     shard,
                     plan,
                     device.type,
-                    key=f"lsuv-shard-{shard.index}-{state_key}",
+                    key=f"lsuv-shard-{shard.index}-{uuid.uuid4().hex}",
                     pure=False,
+                    # the worker holding the shard's cut, if any; a lost worker's shards
+                    # run elsewhere and are recomputed from the input
+                    **({"workers": [owner], "allow_other_workers": True} if owner else {}),
                 )
                 futures[future] = shard
                 pending.add(future)
@@ -362,9 +497,11 @@ class DaskExecutor(Executor):
                 shard = futures[future]
                 pending.discard(future)
                 try:
-                    moments = future.result()
+                    moments, where = future.result()
                 except _cluster_failures() as exc:
                     raise ExecutorError(_lost(self.client, exc)) from None
+                if where is not None:
+                    self._owner[shard.index] = where
                 future.release()
                 if on_batch is not None:
                     on_batch(len(shard))
@@ -372,7 +509,6 @@ class DaskExecutor(Executor):
         finally:
             for future in pending:  # stopped early: drop what is still queued
                 future.cancel()
-            state_future.release()
 
     def close(self) -> None:
         if self.cluster is not None:
@@ -484,20 +620,33 @@ def open_executor(
     if not chosen:
         yield InlineExecutor()
         return
-    import logging
-
-    # a lost scheduler or worker is reported once, as an ExecutorError, not as log tracebacks
-    log = logging.getLogger("distributed")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    try:
+    with quiet_dask_logs():
         executor = _connect(workers, scheduler, scheduler_file, device_type, timeout)
         try:
             yield executor
         finally:
             executor.close()
+
+
+@contextlib.contextmanager
+def quiet_dask_logs() -> Iterator[None]:
+    """Silence dask's own loggers: a lost scheduler or worker is reported once, as an
+    ExecutorError, not as log lines and tracebacks from dask's threads."""
+    import logging
+
+    import distributed  # noqa: F401  (configures dask's loggers)
+
+    names = ["distributed"] + [
+        n for n in logging.root.manager.loggerDict if n.startswith("distributed.")
+    ]
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.CRITICAL + 1)
+    try:
+        yield
     finally:
-        log.setLevel(level)
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
 
 
 def _connect(workers, scheduler, scheduler_file, device_type, timeout) -> DaskExecutor:

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import moments as mom
 from .errors import ConfigError, ModelError
+from .solve import Solution, transform_output
 
 __all__ = [
     "TARGET_TYPES",
@@ -33,6 +34,7 @@ __all__ = [
     "channel_dim",
     "evaluating",
     "select",
+    "solved_outputs",
     "trace",
 ]
 
@@ -201,6 +203,29 @@ def _calls_depend(calls: list[tuple[torch.Tensor | None, torch.Tensor]]) -> bool
             if grad is not None:
                 return True
     return False
+
+
+@contextlib.contextmanager
+def solved_outputs(model: nn.Module, solved: Sequence[tuple[str, Solution]]) -> Iterator[None]:
+    """Map each solved layer's output through its update (see ``solve.transform_output``).
+
+    Installed before any capture hook, so a capture on the same layer sees the mapped
+    output. Hooks are removed on exit.
+    """
+    handles = []
+    try:
+        for name, solution in solved:
+            module = model.get_submodule(name)
+            dim = channel_dim(module)
+
+            def hook(mod, inputs, output, solution=solution, dim=dim):
+                return transform_output(output, solution, dim)
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def select(

@@ -24,6 +24,7 @@ import contextlib
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +33,18 @@ import torch
 from torch import nn
 
 from . import moments as mom
+from .cache import Segments, Uncacheable, parse_size
 from .config import RunConfig
 from .data import DatasetSpec, Source, open_source, resolve_root, shards
 from .errors import ConfigError, Interrupted, LsuvError, StoreError
-from .executors import DaskExecutor, Executor, InlineExecutor, PassPlan, open_executor
+from .executors import (
+    CachePlan,
+    DaskExecutor,
+    Executor,
+    InlineExecutor,
+    PassPlan,
+    open_executor,
+)
 from .layers import LayerInfo, select, trace
 from .lock import LOCK_NAME, writer_lock
 from .models import ModelSpec, build_model
@@ -263,6 +272,8 @@ class _Solver:
     def __init__(self, config, model, train, store, executor, device, progress, stop, tf32):
         self.config = config
         self.allow_tf32 = tf32
+        self.cache_token: str | None = None  # set when passes run from cached activations
+        self.cache_budget: int | None = None
         self.model = model
         self.train = train
         self.store = store
@@ -273,6 +284,9 @@ class _Solver:
         self.passes = 0
         self.current = ""
         self._layers: list[LayerInfo] = []
+        #: Updates of the layers solved so far, in forward order. The model keeps its
+        #: initial weights until the end; passes map solved layers' outputs instead.
+        self.solutions: dict[str, Solution] = {}
 
     def _advance(self, n: int) -> None:
         self.progress.advance(n)
@@ -287,9 +301,12 @@ class _Solver:
         stop_after: LayerInfo | None,
         label: str,
         source: Source | None = None,
+        solved: dict[str, Solution] | None = None,
+        cache: CachePlan | None = None,
     ) -> dict[str, list[mom.Moments]]:
         """One pass: per layer, each call's moments over every shard, merged in shard order.
 
+        ``solved`` maps layers to the updates their outputs go through during the pass.
         Shards already recorded for ``pass_id`` (by an earlier, interrupted run) are read
         back, not recomputed; each new shard is recorded as soon as it finishes.
         """
@@ -304,7 +321,14 @@ class _Solver:
             for index, done in partial.done().items()
         }
         todo = [s for s in parts if s.index not in results]
-        plan = PassPlan(tuple(layers), stop_after, self.config.batch_size, self.allow_tf32)
+        plan = PassPlan(
+            tuple(layers),
+            stop_after,
+            self.config.batch_size,
+            self.allow_tf32,
+            tuple((solved or {}).items()),
+            cache,
+        )
         self.current = label
         self.progress.pass_started(label, source.count)
         if results:  # shards an interrupted run finished
@@ -325,8 +349,13 @@ class _Solver:
             for info in layers
         }
 
-    def layer_pass(self, k: int, info: LayerInfo, index: int) -> list[mom.Moments]:
+    def layer_pass(
+        self, k: int, info: LayerInfo, index: int, trial: Solution | None = None
+    ) -> list[mom.Moments]:
         """Pass ``index`` (1-based) of layer ``k``: its per-call output moments.
+
+        Earlier layers' outputs go through their updates; ``trial`` is the update of layer
+        ``k`` itself being refined (passes after the first of an iterated layer).
 
         The passes of an iterated layer are recorded, so a resumed run replays its
         refinement from them instead of measuring again.
@@ -339,14 +368,27 @@ class _Solver:
         label = f"[{k + 1}/{len(self._layers)}] {info.name}"
         if index > 1:
             label += f" (pass {index})"
-        calls = self.measure(f"layer/{key}/{index}", [info], stop_after=info, label=label)
+        solved = dict(self.solutions)
+        if trial is not None:
+            solved[info.name] = trial
+        cache = None
+        if self.cache_token is not None:
+            cache = CachePlan(self.cache_token, tuple(self._layers), k, self.cache_budget)
+        calls = self.measure(
+            f"layer/{key}/{index}",
+            [info],
+            stop_after=info,
+            label=label,
+            solved=solved,
+            cache=cache,
+        )
         self.passes += 1
         if info.dependent:
             self.store.write_pass(key, index, tuple(calls[info.name]))
         return calls[info.name]
 
     def solve_layer(self, k: int, info: LayerInfo) -> LayerStats:
-        """Measure, solve and rescale one layer (iterating when its calls feed each other)."""
+        """Measure and solve one layer (iterating when its calls feed each other)."""
         config = self.config
         module = self.model.get_submodule(info.name)
         has_bias = getattr(module, "bias", None) is not None
@@ -362,13 +404,11 @@ class _Solver:
             has_bias=has_bias,
             layer=info.name,
         )
-        base = [p.detach().clone() for p in (module.weight, module.bias) if p is not None]
-        rescale_(module, solution)
         passes = 1
         res = residual(_predict(before, solution), mode=config.mode, target_std=config.target_std)
         converged = True
         if info.dependent:
-            solution, res, passes = self._refine(k, info, module, base, before, solution, has_bias)
+            solution, res, passes = self._refine(k, info, before, solution, has_bias)
             converged = res.within(config.tol)
             if not converged:
                 self.progress.note(
@@ -385,22 +425,22 @@ class _Solver:
             "has_bias": has_bias,
         }
         self.store.commit_layer(layer_key(info.name), before, solution, attrs)
+        self.solutions[info.name] = solution
         return LayerStats(
             name=info.name, kind=info.kind, passes=passes, converged=converged, has_bias=has_bias
         )
 
-    def _refine(self, k, info, module, base, before, solution, has_bias):
+    def _refine(self, k, info, before, solution, has_bias):
         """Repeat a layer's pass with accelerated steps until its pooled output is on target."""
         config = self.config
         refinement = Refinement(
             solution, before, mode=config.mode, target_std=config.target_std, has_bias=has_bias
         )
-        params = [p for p in (module.weight, module.bias) if p is not None]
         passes = 1
         res = Residual(mean=float("inf"), std=float("inf"))
         while passes < config.max_iter:
             passes += 1
-            measured = mom.merge_all(self.layer_pass(k, info, passes))
+            measured = mom.merge_all(self.layer_pass(k, info, passes, trial=solution))
             res = residual(measured, mode=config.mode, target_std=config.target_std)
             self.progress.note(
                 f"{info.name}: calls feed each other; pass {passes}: |mean| {res.mean:.2e}, "
@@ -409,21 +449,18 @@ class _Solver:
             if res.within(config.tol) or passes >= config.max_iter:
                 break
             solution = refinement.step(measured)
-            with torch.no_grad():
-                for p, b in zip(params, base, strict=True):
-                    p.copy_(b)
-            rescale_(module, solution)
         return solution, res, passes
 
     def run(self, layers: list[LayerInfo]) -> list[LayerStats]:
-        """Solve every layer in order; committed layers are replayed from the store."""
+        """Solve every layer in order (committed layers are read back from the store), then
+        give the model its final weights."""
         self._layers = layers
         stats = []
         for k, info in enumerate(layers):
             key = layer_key(info.name)
             if self.store.committed(key):
                 record = self.store.read_layer(key)
-                rescale_(self.model.get_submodule(info.name), record.solution)
+                self.solutions[info.name] = record.solution
                 a = record.attrs
                 stats.append(
                     LayerStats(
@@ -436,6 +473,8 @@ class _Solver:
                 )
                 continue
             stats.append(self.solve_layer(k, info))
+        for name, solution in self.solutions.items():
+            rescale_(self.model.get_submodule(name), solution)
         return stats
 
 
@@ -462,6 +501,8 @@ def compute(
     scheduler_timeout: float = 20.0,
     executor: Executor | None = None,
     allow_tf32: bool = False,
+    cache: bool = True,
+    cache_memory: int | str | None = None,
     progress: Progress | bool = False,
     overwrite: bool = False,
 ) -> RunResult:
@@ -485,6 +526,11 @@ def compute(
         scheduler_timeout: Seconds to wait for an existing scheduler and its first worker.
         executor: An executor of your own (overrides the three above); default inline.
         allow_tf32: Let CUDA use TF32 in the passes (faster; results then differ by GPU).
+        cache: Keep activations between passes so each pass computes only the new layer
+            (same results; see ``cache.py``). Off, or for a model torch.fx cannot trace,
+            every pass runs from the input with early exit.
+        cache_memory: Budget of the activation cache per process, in bytes or as
+            ``"4GB"``; default half the memory free on the device.
         progress: ``True`` for progress bars on stderr, or a :class:`Progress`.
         overwrite: Replace an existing store of another config or dataset.
 
@@ -497,6 +543,10 @@ def compute(
     """
     progress = TqdmProgress() if progress is True else (progress or Progress())
     dev = resolve_device(device)
+    try:
+        budget = parse_size(cache_memory)
+    except ValueError as exc:
+        raise ConfigError(f"--cache-memory: {exc}") from None
     train, holdout = _open_sources(config, resolve_root(data_root), download)
     out = Path(out)
     _check_out(out)
@@ -539,8 +589,8 @@ def compute(
                 store = None
             elif store.attrs.get("status") == "complete":
                 return _up_to_date(store, model, config, dev)
-        return _solve(config, out, model, store, train, holdout, identity, dev, ex,
-                      progress, stop, allow_tf32)  # fmt: skip
+        execution = _Execution(dev, ex, progress, stop, allow_tf32, cache, budget)
+        return _solve(config, out, model, store, train, holdout, identity, execution)
 
 
 def _listing(layers: list[LayerInfo], traced: list[LayerInfo]) -> str:
@@ -560,9 +610,21 @@ def _up_to_date(store: RunStore, model: nn.Module, config: RunConfig, dev) -> Ru
     return RunResult(store.path, model, config, store.layer_stats(), up_to_date=True)
 
 
-def _solve(
-    config, out, model, store, train, holdout, identity, dev, executor, progress, stop, tf32
-):
+@dataclass
+class _Execution:
+    """How a run executes (none of it changes the results)."""
+
+    device: torch.device
+    executor: Executor
+    progress: Progress
+    stop: _StopFlag
+    allow_tf32: bool
+    cache: bool
+    cache_budget: int | None
+
+
+def _solve(config, out, model, store, train, holdout, identity, ex: _Execution):
+    dev, progress = ex.device, ex.progress
     model.to(dev)
     traced = trace(model, train.batch(0, min(2, train.count)).to(dev))
     layers = select(traced, config.include, config.exclude)
@@ -582,7 +644,7 @@ def _solve(
                 "layers": [{**i.to_dict(), "key": layer_key(i.name)} for i in layers],
                 "status": "running",
                 "device": dev.type,
-                "allow_tf32": tf32,
+                "allow_tf32": ex.allow_tf32,
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "versions": versions(),
             },
@@ -603,7 +665,16 @@ def _solve(
         progress.note(f"resuming {out}")
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    solver = _Solver(config, model, train, store, executor, dev, progress, stop, tf32)
+    solver = _Solver(
+        config, model, train, store, ex.executor, dev, progress, ex.stop, ex.allow_tf32
+    )
+    if ex.cache:
+        try:
+            Segments(model, layers)
+            solver.cache_token = f"{uuid.uuid4().hex}-{dev}"
+            solver.cache_budget = ex.cache_budget
+        except Uncacheable as why:
+            progress.note(f"activation cache off: {why}; each pass runs from the input")
     started = time.perf_counter()
     try:
         stats = solver.run(layers)

@@ -42,6 +42,7 @@ __all__ = [
     "rescale_",
     "residual",
     "solve",
+    "transform_output",
 ]
 
 Mode = Literal["tensor", "channel"]
@@ -156,6 +157,24 @@ def _channel_view(module: nn.Module, s: torch.Tensor) -> tuple[torch.Tensor, tup
         shape = (g, w.shape[0] // g, w.shape[1], *w.shape[2:])
         return s.view(g, 1, w.shape[1], *([1] * (w.ndim - 2))), shape
     return s.view(-1, *([1] * (w.ndim - 1))), tuple(w.shape)  # weight (out, ...)
+
+
+def transform_output(y: torch.Tensor, solution: Solution, channel_dim: int) -> torch.Tensor:
+    """Return ``(y - shift) / scale``: the layer's output as if its update were applied.
+
+    During the solve the model keeps its initial weights and each solved layer's output
+    goes through this map instead (the same values up to float32 rounding as running
+    the rescaled weights, and the same bits however the pass is run: from the input, or
+    from cached activations). The final weights are computed once at the end with
+    :func:`rescale_`.
+    """
+    scale = solution.scale.to(device=y.device, dtype=y.dtype)
+    shift = solution.shift.to(device=y.device, dtype=y.dtype)
+    if scale.ndim:
+        view = [1] * y.ndim
+        view[channel_dim] = -1
+        scale, shift = scale.view(view), shift.view(view)
+    return (y - shift) / scale
 
 
 @torch.no_grad()
