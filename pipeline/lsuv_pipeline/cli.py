@@ -160,6 +160,21 @@ def cli() -> None:
 )
 @click.option("--allow-tf32", is_flag=True, help="Let CUDA use TF32 (faster, less reproducible).")
 @click.option(
+    "--cache/--no-cache",
+    default=True,
+    show_default=True,
+    help="Keep activations between passes so each pass computes only the new layer "
+    "(same results).",
+)
+@click.option(
+    "--cache-memory",
+    default="auto",
+    show_default=True,
+    metavar="SIZE",
+    help="Budget of the activation cache per process (e.g. 4GB; auto: half the free "
+    "memory of the device). Shards past it are recomputed from the input.",
+)
+@click.option(
     "--verify/--no-verify",
     default=True,
     show_default=True,
@@ -216,6 +231,8 @@ def compute(**opts) -> None:
         scheduler_file=opts["scheduler_file"],
         scheduler_timeout=opts["scheduler_timeout"],
         allow_tf32=opts["allow_tf32"],
+        cache=opts["cache"],
+        cache_memory=opts["cache_memory"],
         progress=TqdmProgress(bars=not opts["quiet"]),
         overwrite=opts["overwrite"],
     )
