@@ -40,6 +40,12 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", 
                 "PREEMPTED", "BOOT_FAIL", "DEADLINE"}  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def data_root(data_root) -> Path:
+    """The datasets folder, absolute: the scripts and jobs run in other folders."""
+    return data_root.resolve()
+
+
 def compute_options() -> set[str]:
     """Every option string of ``lsuv-pipeline compute``, secondary ones included."""
     return {o for p in COMPUTE.params for o in (*p.opts, *p.secondary_opts)}
