@@ -12,7 +12,7 @@ from lsuv_pipeline.data import DatasetSpec, open_source, shards
 from lsuv_pipeline.executors import CachePlan, InlineExecutor, PassPlan, measure_shard
 from lsuv_pipeline.layers import trace
 from lsuv_pipeline.models import mj
-from lsuv_pipeline.run import Progress
+from lsuv_pipeline.progress import Progress
 from lsuv_pipeline.solve import Solution
 
 CONFIG = dict(limit=1200, shard_size=400, batch_size=100, verify=False)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from lsuv_pipeline import RunConfig, compute
 from lsuv_pipeline.cli import cli
 from lsuv_pipeline.executors import DaskExecutor
-from lsuv_pipeline.run import Progress
+from lsuv_pipeline.progress import Progress
 
 SMALL = ["--limit", "3000", "--shard-size", "500", "--batch-size", "250", "-q", "--device", "cpu"]
 CONFIG = RunConfig(limit=3000, shard_size=500, batch_size=250)

@@ -1,4 +1,6 @@
-"""Models by name, a user's own factory, layer selection, and the statistics plot."""
+"""Models by name, a user's own factory, real datasets, layer selection, the plot."""
+
+import itertools
 
 import numpy as np
 import pytest
@@ -6,7 +8,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from lsuv_pipeline import RunConfig, compute, open_run
+from lsuv_pipeline import RunConfig, compute, load_init, open_run
 from lsuv_pipeline import moments as mom
 from lsuv_pipeline.cli import cli
 from lsuv_pipeline.errors import ConfigError, ModelError
@@ -144,3 +146,119 @@ def test_show_draws_the_plot(tmp_path):
     result = CliRunner().invoke(cli, ["show", "mnist-mj", "--plot", str(png)])
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def float64_stats(model, x, names):
+    """Independent check: a float64 copy of the model, its own hooks, sums in float64."""
+    model = model.double().eval()
+    sums = {n: torch.zeros(3, dtype=torch.float64) for n in names}
+
+    def hook(name):
+        def f(module, inputs, out):
+            sums[name] += torch.stack(
+                [out.sum(), out.square().sum(), torch.tensor(out.numel(), dtype=torch.float64)]
+            )
+
+        return f
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    with torch.no_grad():
+        for s in range(0, x.shape[0], 64):
+            model(x[s : s + 64].double())
+    for h in handles:
+        h.remove()
+    out = {}
+    for n, (total, squares, count) in sums.items():
+        mean = total / count
+        out[n] = (mean.item(), (squares / count - mean.square()).sqrt().item())
+    return out
+
+
+@pytest.mark.parametrize(
+    "name,options,limit",
+    [("resnet18", {}, 512), ("vgg11_bn", {"resize": 32}, 256)],
+)
+def test_torchvision_models_on_fashion_mnist_get_unit_std_on_every_layer(
+    tmp_path, data_root, name, options, limit
+):
+    from lsuv_pipeline.data import DatasetSpec, open_source
+
+    cfg = RunConfig(
+        dataset="fashion-mnist", dataset_options=options, model=name, limit=limit,
+        shard_size=128, batch_size=64, holdout=None,
+    )  # fmt: skip
+    out = tmp_path / f"{name}.zarr"
+    result = compute(cfg, out, data_root=data_root, device="cpu")
+    run = open_run(out)
+    assert len(run.layers) == {"resnet18": 21, "vgg11_bn": 11}[name]
+    source = open_source(DatasetSpec(name="fashion-mnist", root=str(data_root), limit=limit,
+                                     options=options))  # fmt: skip
+    x = source.batch(0, source.count)
+    fresh = build_model(ModelSpec(name=name), seed=1, in_channels=1, num_classes=10)
+    load_init(fresh, out)
+    stats = float64_stats(fresh, x, [i.name for i in run.layers])
+    for s in result.layers:
+        mean, std = stats[s.name]
+        assert abs(std - 1) <= 1e-4, (s.name, std)
+        if s.has_bias:
+            assert abs(mean) <= 1e-4, (s.name, mean)
+        else:  # no bias to absorb it: the mean is recorded, not hidden
+            recorded = run.layer(s.name)["residual_mean"]
+            assert abs(abs(mean) - recorded) <= 1e-5, (s.name, mean, recorded)
+
+
+def test_imagefolder_of_pngs_from_the_command_line(tmp_path):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for c, cls in enumerate(["cat", "dog", "eel"]):
+        (tmp_path / "pics" / cls).mkdir(parents=True)
+        for i in range(6):
+            size = (40 + 3 * i, 36 + 2 * c)
+            pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=gen, dtype=torch.uint8)
+            Image.fromarray(pixels.numpy()).save(tmp_path / "pics" / cls / f"{i}.png")
+    out = tmp_path / "folder.zarr"
+    result = CliRunner().invoke(
+        cli,
+        ["compute", "--dataset", f"imagefolder:{tmp_path / 'pics'}", "--model", "resnet18",
+         "--data-option", "resize=36", "--data-option", "crop=32",
+         "--data-option", "normalize=compute", "--holdout", "none", "--batch-size", "6",
+         "--data-root", str(tmp_path), "--out", str(out), "-q"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output + result.stderr
+    g = zarr.open_group(str(out), mode="r")
+    assert g.attrs["dataset"]["count"] == 18
+    assert g.attrs["dataset"]["sample_shape"] == [3, 32, 32]
+    assert g.attrs["dataset"]["num_classes"] == 3
+    assert g["final/fc.weight"].shape == (3, 512)
+    assert g.attrs["config"]["dataset_options"]["normalize"] == "compute"
+    mean, std = pooled(g, "verify/train", "fc")
+    assert abs(mean) < 1e-4 and abs(std - 1) < 1e-4
+
+
+def test_a_users_own_data_through_the_api(tmp_path, data_root):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lsuv_pipeline.data import DatasetSpec, open_source
+
+    images = open_source(DatasetSpec(name="mnist", root=str(data_root), limit=600)).batch(0, 600)
+    labels = torch.zeros(600, dtype=torch.long)
+    held = open_source(DatasetSpec(name="mnist", split="test", root=str(data_root), limit=200))
+    loaders = {
+        "dataset": TensorDataset(images, labels),
+        "loader": DataLoader(TensorDataset(images, labels), batch_size=100),
+        "list": [images[i : i + 100] for i in range(0, 600, 100)],
+    }
+    finals = []
+    for kind, data in loaders.items():
+        out = tmp_path / f"{kind}.zarr"
+        cfg = RunConfig(dataset=f"my-{kind}", shard_size=200, batch_size=100)
+        result = compute(cfg, out, data=data, holdout_data=[held.batch(0, 200)],
+                         data_root=data_root, device="cpu")  # fmt: skip
+        g = zarr.open_group(str(out), mode="r")
+        assert g.attrs["dataset"]["name"] == f"my-{kind}" and g.attrs["dataset"]["count"] == 600
+        assert "verify/test/conv1" in g
+        finals.append(result.model.state_dict())
+    # the same samples in the same batches: the same init, whichever container held them
+    for a, b in itertools.pairwise(finals):
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -120,9 +120,14 @@ def test_cifar_split_options_and_limit(tmp_path, monkeypatch):
     write_cifar(tmp_path, tvd.CIFAR10, monkeypatch, train_sizes=[2] * 5, test_size=2)
     with pytest.raises(ConfigError, match=r"'cifar10' has splits 'train' and 'test', not 'val'"):
         open_source(DatasetSpec(name="cifar10", split="val", root=str(tmp_path)))
-    with pytest.raises(ConfigError, match=r"'cifar10' takes no options, got: resize"):
-        open_source(DatasetSpec(name="cifar10", root=str(tmp_path), options={"resize": 8}))
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) for dataset 'cifar10': crop"):
+        open_source(DatasetSpec(name="cifar10", root=str(tmp_path), options={"crop": 8}))
+    with pytest.raises(ConfigError, match=r"'resize' of dataset 'cifar10' must be an integer"):
+        open_source(DatasetSpec(name="cifar10", root=str(tmp_path), options={"resize": "8"}))
+    big = open_source(DatasetSpec(name="cifar10", root=str(tmp_path), options={"resize": 8}))
+    assert big.sample_shape == (3, 8, 8) and big.batch(0, 3).shape == (3, 3, 8, 8)
     full = open_source(DatasetSpec(name="cifar10", root=str(tmp_path)))
+    assert big.fingerprint != full.fingerprint
     cut = open_source(DatasetSpec(name="cifar10", root=str(tmp_path), limit=7))
     assert cut.count == 7 and cut.fingerprint != full.fingerprint
     assert same_bytes(all_batches(cut), full.batch(0, 7))
@@ -314,7 +319,7 @@ def test_imagefolder_pickles_and_reopens_from_its_spec_without_recomputing(tmp_p
     def no_recompute(self):
         raise AssertionError("statistics recomputed")
 
-    monkeypatch.setattr(data._FolderSource, "_folder_stats", no_recompute)
+    monkeypatch.setattr(data.folder._FolderSource, "_folder_stats", no_recompute)
     again = open_source(src.spec)
     assert same_bytes(again.batch(0, 5), whole) and again.describe() == src.describe()
     assert again.spec == src.spec
@@ -492,7 +497,7 @@ def test_spec_options_round_trip_through_json_and_stay_hashable_and_read_only():
 
 
 def test_mnist_refuses_options_and_unknown_names_list_every_dataset(tmp_path):
-    with pytest.raises(ConfigError, match=r"'mnist' takes no options, got: crop"):
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) for dataset 'mnist': crop"):
         open_source(DatasetSpec(name="mnist", root=str(tmp_path), options={"crop": 3}))
     message = r"unknown dataset 'cifar10:x'.*cifar10, cifar100, fashion-mnist, imagefolder:PATH"
     with pytest.raises(DataError, match=message):

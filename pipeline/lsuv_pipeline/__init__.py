@@ -16,7 +16,8 @@ from .errors import (
     StoreError,
 )
 from .models import MJ, mj
-from .run import RunResult, Verification, compute, verify
+from .run import RunResult, compute
+from .verify import Verification, verify
 
 __all__ = [
     "MJ",

@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from . import moments as mom
 from .layers import LayerInfo, channel_dim
-from .solve import Solution, transform_output
+from .solve import Solution, on_device, transform_output
 
 __all__ = [
     "ActivationCache",
@@ -146,6 +146,8 @@ class Segments:
         stop = self.positions[k] + 1
         node = self.nodes[self.positions[k]]
         dim = self.dims[k]
+        dtype = next(self.module.parameters(), torch.empty(0)).dtype
+        solved = {j: on_device(sol, device, dtype) for j, sol in solved.items()}
         if state is not None and state.layer == k - 1:  # continue from the cut
             prev = self.nodes[self.positions[k - 1]]
             start = self.positions[k - 1] + 1

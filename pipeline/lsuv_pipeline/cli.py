@@ -58,7 +58,17 @@ def cli() -> None:
     "--dataset",
     default="mnist",
     show_default=True,
-    help=f"Dataset to solve on: {', '.join(sorted(DATASETS))}.",
+    help="Dataset to solve on: "
+    + ", ".join(sorted(k + ":PATH" if k == "imagefolder" else k for k in DATASETS))
+    + ".",
+)
+@click.option(
+    "--data-option",
+    "data_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A dataset option, VALUE as JSON or plain text (resize=32, crop=224, "
+    "normalize=compute, 'mean=[0.5]'); repeatable.",
 )
 @click.option(
     "--model",
@@ -163,8 +173,7 @@ def cli() -> None:
     "--cache/--no-cache",
     default=True,
     show_default=True,
-    help="Keep activations between passes so each pass computes only the new layer "
-    "(same results).",
+    help="Keep activations between passes so each pass computes only the new layer (same results).",
 )
 @click.option(
     "--cache-memory",
@@ -195,13 +204,14 @@ def compute(**opts) -> None:
     Rerunning the same command resumes an interrupted run, or does nothing if the store is
     complete and up to date.
     """
-    from .run import TqdmProgress
+    from .progress import TqdmProgress
     from .run import compute as run_compute
 
     holdout = None if opts["holdout"].lower() == "none" else opts["holdout"]
     model_kwargs = _json_object(opts["model_kwargs"], "--model-kwargs")
     config = RunConfig(
         dataset=opts["dataset"],
+        dataset_options=_key_values(opts["data_options"], "--data-option"),
         split=opts["split"],
         holdout=holdout,
         limit=opts["limit"],
@@ -257,6 +267,21 @@ def _json_object(text: str, option: str) -> dict:
     if not isinstance(value, dict):
         raise click.BadParameter("must be a JSON object", param_hint=option)
     return value
+
+
+def _key_values(items: tuple[str, ...], option: str) -> dict:
+    import json
+
+    out = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=option)
+        try:
+            out[key.strip()] = json.loads(text)
+        except ValueError:
+            out[key.strip()] = text  # plain text: normalize=compute
+    return out
 
 
 RUN = click.argument("run", metavar="RUN")
@@ -317,7 +342,7 @@ def verify(run: str, split: str, tol: float, data_root, device: str, quiet: bool
 
     Exits 1 if any layer misses the tolerance.
     """
-    from .run import verify as run_verify
+    from .verify import verify as run_verify
 
     result = run_verify(
         run, split=split, tol=tol, data_root=data_root, device=device, progress=not quiet

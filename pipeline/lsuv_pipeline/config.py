@@ -7,6 +7,7 @@ same config gives the same store inline or on a cluster.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -22,7 +23,10 @@ class RunConfig:
     """What to compute.
 
     Attributes:
-        dataset: Dataset name (see ``data.DATASETS``).
+        dataset: Dataset name (see ``data.DATASETS``; ``imagefolder:PATH``), or the label of
+            your own data given to ``compute``.
+        dataset_options: The dataset's own settings (``resize``, ``crop``, ``normalize``,
+            ...; see ``data``), JSON values.
         split: Split the solve runs on.
         holdout: Split measured after the solve (``None``: none).
         limit: Use only the first ``limit`` samples of each split.
@@ -43,6 +47,7 @@ class RunConfig:
     """
 
     dataset: str = "mnist"
+    dataset_options: dict = field(default_factory=dict)
     split: str = "train"
     holdout: str | None = "test"
     limit: int | None = None
@@ -87,6 +92,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        d["dataset_options"] = json.loads(json.dumps(dict(self.dataset_options)))
         return d
 
     @classmethod

@@ -35,79 +35,24 @@ from torch import nn
 from . import moments as mom
 from .cache import Segments, Uncacheable, parse_size
 from .config import RunConfig
-from .data import DatasetSpec, Source, open_source, resolve_root, shards
+from .data import DatasetSpec, Source, limited, open_source, resolve_root, source_from
 from .errors import ConfigError, Interrupted, LsuvError, StoreError
 from .executors import (
     CachePlan,
     DaskExecutor,
     Executor,
-    InlineExecutor,
     PassPlan,
     open_executor,
 )
 from .layers import LayerInfo, select, trace
 from .lock import LOCK_NAME, writer_lock
 from .models import ModelSpec, build_model
+from .progress import Progress, as_progress
 from .report import LayerStats, format_table
 from .solve import Refinement, Residual, Solution, orthogonal_, rescale_, residual, solve
 from .store import RunStore, layer_key, versions
 
-__all__ = [
-    "Progress",
-    "RunResult",
-    "TqdmProgress",
-    "Verification",
-    "compute",
-    "resolve_device",
-    "verify",
-]
-
-
-class Progress:
-    """Receives progress events; the default ignores them."""
-
-    def pass_started(self, label: str, total: int) -> None:
-        """A pass over ``total`` samples begins."""
-
-    def advance(self, n: int) -> None:
-        """``n`` more samples of the current pass are done."""
-
-    def pass_finished(self) -> None:
-        """The current pass ended."""
-
-    def note(self, text: str) -> None:
-        """A message worth showing between passes."""
-
-
-class TqdmProgress(Progress):
-    """One tqdm bar per pass on stderr (unless ``bars=False``), messages between them."""
-
-    def __init__(self, *, bars: bool = True) -> None:
-        self._bar = None
-        self._bars = bars
-
-    def pass_started(self, label: str, total: int) -> None:
-        from tqdm.auto import tqdm
-
-        if not self._bars:
-            return
-        self._bar = tqdm(total=total, desc=label, unit="img", unit_scale=True, leave=True)
-
-    def advance(self, n: int) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
-
-    def pass_finished(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    def note(self, text: str) -> None:
-        import sys
-
-        from tqdm.auto import tqdm
-
-        tqdm.write(text, file=sys.stderr)
+__all__ = ["RunResult", "compute", "open_split", "resolve_device"]
 
 
 @dataclass
@@ -169,21 +114,48 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _open_sources(config: RunConfig, root: Path, download: bool) -> tuple[Source, Source | None]:
-    def spec(split: str) -> DatasetSpec:
-        return DatasetSpec(
-            name=config.dataset, split=split, root=str(root), limit=config.limit, download=download
-        )
+def open_split(
+    config: RunConfig,
+    split: str,
+    *,
+    root: Path,
+    download: bool = True,
+    data=None,
+    collate=None,
+) -> Source:
+    """Open one split of the run's data: ``config.dataset`` under ``root``, or ``data``.
 
-    root = root.resolve()  # workers may run elsewhere: they get an absolute path
-    train = open_source(spec(config.split))
+    ``data`` is a user's own data (see :func:`~lsuv_pipeline.data.source_from`), labelled
+    ``config.dataset``; ``config.limit`` applies to both.
+    """
+    if data is not None:
+        return limited(source_from(data, name=config.dataset, split=split, collate=collate),
+                       config.limit)  # fmt: skip
+    spec = DatasetSpec(
+        name=config.dataset,
+        split=split,
+        root=str(root.resolve()),  # workers may run elsewhere: they get an absolute path
+        limit=config.limit,
+        download=download,
+        options=config.dataset_options,
+    )
+    return open_source(spec)
+
+
+def _open_sources(
+    config: RunConfig, root: Path, download: bool, data, holdout_data, collate
+) -> tuple[Source, Source | None]:
+    train = open_split(config, config.split, root=root, download=download, data=data,
+                       collate=collate)  # fmt: skip
     holdout = None
     if config.verify and config.holdout is not None:
         if config.holdout == config.split:
             raise ConfigError(
                 f"the held-out split must differ from the solve split {config.split!r}"
             )
-        holdout = open_source(spec(config.holdout))
+        if data is None or holdout_data is not None:
+            holdout = open_split(config, config.holdout, root=root, download=download,
+                                 data=holdout_data, collate=collate)  # fmt: skip
     return train, holdout
 
 
@@ -311,7 +283,7 @@ class _Solver:
         back, not recomputed; each new shard is recorded as soon as it finishes.
         """
         source = source or self.train
-        parts = shards(source.count, self.config.shard_size)
+        parts = source.shards(self.config.shard_size)
         keys = {info.name: layer_key(info.name) for info in layers}
         partial = self.store.partial(
             pass_id, len(parts), [(keys[i.name], i.calls, i.channels) for i in layers]
@@ -492,6 +464,9 @@ def compute(
     out: str | Path,
     *,
     model: nn.Module | None = None,
+    data=None,
+    holdout_data=None,
+    collate=None,
     data_root: str | Path | None = None,
     download: bool = True,
     device: str | torch.device | None = "auto",
@@ -516,6 +491,12 @@ def compute(
         out: Path of the run store (a Zarr group).
         model: A model to initialize in place; by default ``config.model`` is built with
             ``config.seed``.
+        data: Your own training data instead of ``config.dataset``: a map-style
+            ``torch.utils.data.Dataset`` (items ``x`` or ``(x, y)``) or a sized, re-iterable
+            collection of batches (a ``DataLoader`` without shuffling, a list of tensors);
+            ``config.dataset`` becomes its label. See ``data.source_from``.
+        holdout_data: Your own held-out data, measured after the solve.
+        collate: How items (a Dataset) or batches (a collection) become one float tensor.
         data_root: Folder with the datasets (default ``$LSUV_DATA_ROOT``, else ``data/``).
         download: Download a missing dataset.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
@@ -541,13 +522,14 @@ def compute(
         LsuvError: Bad configuration, data, model or store, or a layer that cannot be solved.
         Interrupted: Ctrl-C; the store keeps everything finished so far.
     """
-    progress = TqdmProgress() if progress is True else (progress or Progress())
+    progress = as_progress(progress)
     dev = resolve_device(device)
     try:
         budget = parse_size(cache_memory)
     except ValueError as exc:
         raise ConfigError(f"--cache-memory: {exc}") from None
-    train, holdout = _open_sources(config, resolve_root(data_root), download)
+    root = resolve_root(data_root) if data is None else Path(".")
+    train, holdout = _open_sources(config, root, download, data, holdout_data, collate)
     out = Path(out)
     _check_out(out)
     if model is None:
@@ -729,122 +711,3 @@ def _verify(solver, layers, stats, initial, final, holdout) -> list[LayerStats]:
         )
         for s in stats
     ]
-
-
-@dataclass
-class Verification:
-    """The result of :func:`verify`: every layer's output statistics on one split.
-
-    Attributes:
-        split: The split measured.
-        layers: Per-layer statistics (``after[split]`` holds the measurement).
-        failures: Layers whose |mean| (layers with bias) or |std - target| exceeds the tolerance.
-    """
-
-    split: str
-    config: RunConfig
-    tol: float
-    layers: list[LayerStats]
-    failures: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    def table(self) -> str:
-        return format_table(
-            self.layers,
-            splits=[self.split],
-            solve_split=self.split,
-            target_std=self.config.target_std,
-            tol=self.tol,
-        )
-
-
-def verify(
-    source: str | Path,
-    *,
-    split: str = "train",
-    tol: float = 1e-4,
-    model: nn.Module | None = None,
-    data_root: str | Path | None = None,
-    download: bool = True,
-    device: str | torch.device | None = "auto",
-    executor: Executor | None = None,
-    progress: Progress | bool = False,
-) -> Verification:
-    """Measure every layer of a finished run's final weights over a split, from scratch.
-
-    Args:
-        source: A run store path or a shipped checkpoint's name.
-        split: The split to measure (``"train"``, ``"test"``).
-        tol: Tolerance on |mean| and |std - target| per layer.
-        model: The model to load the weights into (default: built from the run's config).
-        data_root, download, device, executor, progress: As for :func:`compute`.
-
-    Returns:
-        A :class:`Verification`; ``ok`` is false when some layer misses ``tol``.
-    """
-    from .checkpoint import load_init, open_run
-
-    if not (tol > 0):
-        raise ConfigError(f"--tol must be a positive number, got {tol}")
-    progress = TqdmProgress() if progress is True else (progress or Progress())
-    run = open_run(source)
-    config = run.config
-    dev = resolve_device(device)
-    data = open_source(
-        DatasetSpec(
-            name=config.dataset,
-            split=split,
-            root=str(resolve_root(data_root)),
-            limit=config.limit,
-            download=download,
-        )
-    )
-    if model is None:
-        model = build_model(
-            ModelSpec(name=config.model, kwargs=config.model_kwargs),
-            seed=config.seed,
-            in_channels=data.sample_shape[0],
-            num_classes=data.num_classes or 10,
-        )
-    load_init(model, run.path)
-    model.to(dev)
-    layers = run.layers
-    executor = executor or InlineExecutor()
-    plan = PassPlan(tuple(layers), None, config.batch_size)
-    parts = shards(data.count, config.shard_size)
-    results = {}
-    progress.pass_started(f"verify {split}", data.count)
-    try:
-        for shard, moments in executor.run_pass(
-            model, data, parts, plan, device=dev, on_batch=progress.advance
-        ):
-            results[shard.index] = moments
-    finally:
-        progress.pass_finished()
-    stats, failures = [], []
-    recorded = {s.name: s for s in run.stats()}
-    for info in layers:
-        pooled = mom.merge_all(
-            mom.merge_all(results[s.index][info.name][c] for s in parts) for c in range(info.calls)
-        )
-        r = recorded[info.name]
-        t = mom.reduce_channels(pooled) if config.mode == "tensor" else pooled
-        off_std = (t.std - config.target_std).abs().max().item() > tol
-        off_mean = r.has_bias and t.mean.abs().max().item() > tol
-        if off_std or off_mean:
-            failures.append(info.name)
-        stats.append(
-            LayerStats(
-                name=info.name,
-                kind=info.kind,
-                passes=r.passes,
-                converged=r.converged,
-                has_bias=r.has_bias,
-                before=r.before,
-                after={split: pooled},
-            )
-        )
-    return Verification(split, config, tol, stats, failures)

@@ -38,6 +38,7 @@ __all__ = [
     "Residual",
     "Solution",
     "check_finite_spread",
+    "on_device",
     "orthogonal_",
     "rescale_",
     "residual",
@@ -60,6 +61,15 @@ class Solution:
 
     scale: torch.Tensor
     shift: torch.Tensor
+
+
+def on_device(solution: Solution, device: torch.device, dtype: torch.dtype) -> Solution:
+    """The same update with its tensors on ``device`` in ``dtype``, ready to apply per batch
+    without a host-to-device copy each time."""
+    return Solution(
+        scale=solution.scale.to(device=device, dtype=dtype),
+        shift=solution.shift.to(device=device, dtype=dtype),
+    )
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,359 @@
+"""A user's own data through the Python API: a map-style Dataset or sized batches."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import json
+import threading
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+from ..errors import ConfigError, DataError
+from .base import Shard, Source
+
+# -- user data -----------------------------------------------------------------------
+
+#: Samples a spot-check fingerprint reads, evenly spaced from the first to the last.
+SPOT_CHECK = 64
+
+
+def source_from(
+    data,
+    *,
+    name: str = "user",
+    split: str = "train",
+    fingerprint: str | None = None,
+    collate: Callable | None = None,
+) -> Source:
+    """Wrap a user's own data as a :class:`Source` (spec ``None``: it travels by pickling).
+
+    ``data`` is one of:
+
+    * a :class:`Source`: returned as is;
+    * a map-style ``torch.utils.data.Dataset`` (``__len__`` and ``__getitem__``): random
+      access, ``batch(start, stop)`` reads items ``start..stop-1``. An item is a tensor or a
+      tuple whose first element is one (``(x, y)``: ``x`` is taken). ``collate(items)``, if
+      given, turns the list of items as the dataset returns them into the batch (a tensor or
+      a tuple starting with one); by default the ``x``'s are stacked;
+    * any other sized, re-iterable collection of batches, each a tensor ``(B, ...)`` or a
+      tuple starting with one: a ``DataLoader`` without shuffling, a list of tensors, a list
+      of ``(x, y)`` pairs. ``collate(batch)``, if given, maps each yielded batch to its
+      tensor. See :class:`_BatchesSource` for what sequential access implies.
+
+    Only ``Dataset`` instances are read item by item; anything else is taken as batches, so a
+    plain list of single-sample tensors would be misread (wrap it in a ``TensorDataset``).
+    Prefer passing a ``Dataset`` over a ``DataLoader`` of it: random access, no counting pass.
+    Batches must be floating point (they are cast to float32); preprocessing is the data's
+    own business, done before it gets here. The source is shipped to dask workers by
+    pickling, so ``data`` and ``collate`` must pickle for a cluster run.
+
+    Args:
+        data: The samples, as above.
+        name: Name recorded for the dataset.
+        split: Split name recorded for it (e.g. ``"test"`` for a held-out set).
+        fingerprint: Identity of the data, recorded and compared on resume; by default a
+            sha256 spot check (see below), which does not see changes between the samples
+            it reads: give your own (e.g. a data version) when that matters.
+        collate: As above.
+
+    The default fingerprint hashes the number of samples, ``data``'s type name, the batch
+    sizes (iterables) and the bytes of at most :data:`SPOT_CHECK` preprocessed samples
+    evenly spaced from the first to the last (for an iterable: the first sample of evenly
+    spaced batches, plus the very last sample). It is a spot check, not a hash of all data.
+
+    Raises:
+        ConfigError: An unsized iterable, a one-shot iterator, a shuffling ``DataLoader``,
+            an ``IterableDataset``, or batches that are not floating-point tensors.
+        DataError: ``data`` holds no samples.
+    """
+    from torch.utils.data import Dataset, IterableDataset
+
+    if isinstance(data, Source):
+        return data
+    if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
+        raise ConfigError(f"fingerprint must be a non-empty string, got {fingerprint!r}")
+    if isinstance(data, IterableDataset):
+        raise ConfigError(
+            f"{_type_name(data)} is an IterableDataset, read one sample at a time without "
+            "random access; wrap it in a DataLoader(batch_size=...) without shuffling"
+        )
+    if isinstance(data, Dataset):
+        return _DatasetSource(
+            data, name=name, split=split, fingerprint=fingerprint, collate=collate
+        )
+    return _BatchesSource(data, name=name, split=split, fingerprint=fingerprint, collate=collate)
+
+
+def _type_name(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _callable_name(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+
+
+def _first(item) -> object:
+    """``x`` of an item or batch: the item itself, or the first element of a tuple / list."""
+    return item[0] if isinstance(item, (tuple, list)) and len(item) > 0 else item
+
+
+def _float_batch(value, what: str, *, batch: bool = True) -> torch.Tensor:
+    """The float32 CPU tensor in ``value`` (a tensor or a tuple starting with one)."""
+    x = _first(value)
+    if not isinstance(x, torch.Tensor):
+        raise ConfigError(
+            f"{what} is a {type(x).__name__}, not a tensor (or a tuple starting with one); "
+            "pass collate= to build the batch"
+        )
+    if not x.is_floating_point():
+        raise ConfigError(
+            f"{what} has dtype {x.dtype}; expected floating-point, preprocessed samples "
+            "(convert and normalize them in the dataset or in collate=)"
+        )
+    if batch and x.ndim < 1:
+        raise ConfigError(f"{what} is a scalar, not a batch")
+    return x.detach().to(device="cpu", dtype=torch.float32)
+
+
+def _spot_indices(n: int) -> list[int]:
+    """At most :data:`SPOT_CHECK` indices evenly spaced over ``range(n)``, first and last in."""
+    if n <= SPOT_CHECK:
+        return list(range(n))
+    return sorted({round(j * (n - 1) / (SPOT_CHECK - 1)) for j in range(SPOT_CHECK)})
+
+
+class _DatasetSource(Source):
+    """A map-style dataset: random access, items collated per batch (see :func:`source_from`)."""
+
+    def __init__(self, data, *, name, split, fingerprint, collate) -> None:
+        self.data = data
+        self.collate = collate
+        self.name = name
+        self.split = split
+        self.count = len(data)
+        if self.count == 0:
+            raise DataError(f"dataset {name!r} ({_type_name(data)}) has no samples")
+        self.sample_shape = tuple(self._collated(0, 1).shape[1:])
+        classes = getattr(data, "classes", None)
+        self.num_classes = len(classes) if isinstance(classes, (list, tuple)) else None
+        self.transform = {
+            "user": {
+                "kind": "dataset",
+                "type": _type_name(data),
+                "collate": _callable_name(collate) if collate else "torch.stack of the samples",
+            }
+        }
+        self.fingerprint = fingerprint or self._spot_check()
+
+    def _collated(self, start: int, stop: int) -> torch.Tensor:
+        items = [self.data[i] for i in range(start, stop)]
+        what = f"dataset {self.name!r} items {start}..{stop - 1}"
+        if self.collate is not None:
+            return _float_batch(self.collate(items), what)
+        return torch.stack([_float_batch(item, what, batch=False) for item in items])
+
+    def batch(self, start: int, stop: int) -> torch.Tensor:
+        stop = min(stop, self.count)
+        if start >= stop:
+            return torch.empty((0, *self.sample_shape))
+        x = self._collated(start, stop)
+        if x.shape[0] != stop - start or tuple(x.shape[1:]) != self.sample_shape:
+            raise DataError(
+                f"dataset {self.name!r} items {start}..{stop - 1} collate to shape "
+                f"{tuple(x.shape)}, expected {(stop - start, *self.sample_shape)}"
+            )
+        return x
+
+    def _spot_check(self) -> str:
+        h = hashlib.sha256()
+        head = {"kind": "dataset", "type": _type_name(self.data), "count": self.count}
+        h.update(json.dumps({**head, "sample_shape": list(self.sample_shape)}).encode())
+        for i in _spot_indices(self.count):
+            h.update(f"{i}:".encode())
+            h.update(self.batch(i, i + 1).numpy().tobytes())
+        return "sha256:" + h.hexdigest()
+
+
+class _BatchesSource(Source):
+    """A sized, re-iterable collection of batches: sequential access only.
+
+    Opening it iterates once to read every batch's size (``count`` is their sum) and to take
+    the spot-check fingerprint; the batch layout is then fixed, and a later iteration that
+    yields other sizes is a :class:`DataError`.
+
+    Shards and batches follow the iterable's own batches: :meth:`shards` groups whole
+    consecutive batches, as many as fit in ``shard_size`` samples (at least one), and
+    :meth:`batches` yields the iterable's batches as they are, ignoring the caller's
+    ``batch_size``. Shards cut elsewhere (e.g. by :func:`shards`) still work: a batch that
+    straddles a shard boundary is split there, so every sample is read exactly once.
+
+    ``batch(start, stop)`` iterates from the start, keeping a cursor: requests in increasing
+    order (one pass, shard after shard) continue the same iteration at no extra cost; a
+    request behind the cursor starts a new iteration and skips the batches before it, which
+    re-reads them (a dask worker given shards out of order pays this). ``iterations``
+    counts the iterations started after opening.
+    """
+
+    def __init__(self, data, *, name, split, fingerprint, collate) -> None:
+        from torch.utils.data import DataLoader
+
+        try:
+            batches_count = len(data)
+        except TypeError:
+            raise ConfigError(
+                f"{_type_name(data)} has no len(): only a sized, re-iterable collection of "
+                "batches (a DataLoader, a list) can be read the same way every pass"
+            ) from None
+        if isinstance(data, Iterator):
+            raise ConfigError(
+                f"{_type_name(data)} is an iterator, which can be read only once; pass a "
+                "re-iterable collection (a DataLoader, a list)"
+            )
+        if not isinstance(data, Iterable) and not hasattr(data, "__getitem__"):
+            raise ConfigError(f"{_type_name(data)} is neither a Dataset nor iterable")
+        if isinstance(data, DataLoader) and _shuffles(data):
+            raise ConfigError(
+                "the DataLoader shuffles (a random sampler), so every pass would read another "
+                "order; build it with shuffle=False"
+            )
+        self.data = data
+        self.collate = collate
+        self.name = name
+        self.split = split
+        self.iterations = 0
+        self._reset()
+        spot = _spot_indices(batches_count)
+        h = hashlib.sha256()
+        sizes: list[int] = []
+        first_shape = x = None
+        for i, raw in enumerate(data):
+            x = self._tensor(raw, i)
+            if first_shape is None:
+                first_shape = tuple(x.shape[1:])
+            elif tuple(x.shape[1:]) != first_shape:
+                raise ConfigError(
+                    f"batch {i} of {name!r} has samples of shape {tuple(x.shape[1:])}, "
+                    f"batch 0 has {first_shape}"
+                )
+            sizes.append(x.shape[0])
+            if i in spot:
+                h.update(f"{i}:".encode())
+                h.update(x[0].numpy().tobytes())
+        if not sizes:
+            raise DataError(f"dataset {name!r} ({_type_name(data)}) yields no batches")
+        h.update(x[-1].numpy().tobytes())
+        self._offsets = [0, *itertools.accumulate(sizes)]  # batch i is [offsets[i], offsets[i+1])
+        self.count = self._offsets[-1]
+        self.sample_shape = first_shape
+        classes = getattr(getattr(data, "dataset", data), "classes", None)
+        self.num_classes = len(classes) if isinstance(classes, (list, tuple)) else None
+        self.transform = {
+            "user": {
+                "kind": "batches",
+                "type": _type_name(data),
+                "collate": _callable_name(collate) if collate else "first element of each batch",
+            }
+        }
+        head = {"kind": "batches", "type": _type_name(data), "count": self.count, "sizes": sizes}
+        h.update(json.dumps({**head, "sample_shape": list(first_shape)}).encode())
+        self.fingerprint = fingerprint or "sha256:" + h.hexdigest()
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()  # dask worker threads may share one source
+        self._it: Iterator | None = None
+        self._pos = 0  # batches the current iteration has yielded
+        self._last: tuple[int, torch.Tensor] | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for key in ("_lock", "_it", "_pos", "_last"):
+            del state[key]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def _tensor(self, raw, index: int) -> torch.Tensor:
+        value = self.collate(raw) if self.collate is not None else raw
+        x = _float_batch(value, f"batch {index} of {self.name!r}")
+        if x.shape[0] == 0:
+            raise ConfigError(f"batch {index} of {self.name!r} is empty")
+        return x
+
+    def _fetch(self, index: int) -> torch.Tensor:
+        """Batch ``index`` of the iterable, continuing the current iteration when possible."""
+        with self._lock:
+            if self._last is not None and self._last[0] == index:
+                return self._last[1]
+            if self._it is None or index < self._pos:
+                self._it, self._pos = iter(self.data), 0
+                self.iterations += 1
+            try:
+                while self._pos < index:
+                    next(self._it)
+                    self._pos += 1
+                x = self._tensor(next(self._it), index)
+            except StopIteration:
+                raise DataError(
+                    f"{self.name!r} yielded fewer batches than the {len(self._offsets) - 1} it "
+                    "had when opened"
+                ) from None
+            self._pos += 1
+            expected = self._offsets[index + 1] - self._offsets[index]
+            if x.shape[0] != expected:
+                raise DataError(
+                    f"batch {index} of {self.name!r} has {x.shape[0]} samples, {expected} when "
+                    "opened: the data changed between passes"
+                )
+            self._last = (index, x)
+            return x
+
+    def batch(self, start: int, stop: int) -> torch.Tensor:
+        stop = min(stop, self.count)
+        if start >= stop:
+            return torch.empty((0, *self.sample_shape))
+        first = bisect.bisect_right(self._offsets, start) - 1
+        end = bisect.bisect_left(self._offsets, stop)  # batches [first, end) overlap the range
+        pieces = []
+        for i in range(first, end):
+            lo = self._offsets[i]
+            pieces.append(
+                self._fetch(i)[max(start, lo) - lo : min(stop, self._offsets[i + 1]) - lo]
+            )
+        return torch.cat(pieces)  # a new tensor: callers never share the cursor's batch
+
+    def shards(self, shard_size: int) -> list[Shard]:
+        if shard_size < 1:
+            raise ConfigError(f"shard size must be at least 1, got {shard_size}")
+        out, start = [], 0
+        for lo, hi in itertools.pairwise(self._offsets):
+            if hi - start > shard_size and lo > start:  # batch lo..hi does not fit: close
+                out.append(Shard(len(out), start, lo))
+                start = lo
+        out.append(Shard(len(out), start, self.count))
+        return out
+
+    def batch_ranges(self, shard: Shard, batch_size: int) -> list[tuple[int, int]]:
+        first = bisect.bisect_right(self._offsets, shard.start) - 1
+        ranges = []
+        for i in range(max(first, 0), len(self._offsets) - 1):
+            lo, hi = self._offsets[i], self._offsets[i + 1]
+            if lo >= shard.stop:
+                break
+            a, b = max(lo, shard.start), min(hi, shard.stop, self.count)
+            if a < b:
+                ranges.append((a, b))
+        return ranges
+
+
+def _shuffles(loader) -> bool:
+    """Whether a ``DataLoader`` draws its order at random."""
+    from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+
+    random = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+    samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
+    return any(isinstance(s, random) or getattr(s, "shuffle", False) is True for s in samplers)

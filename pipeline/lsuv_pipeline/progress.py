@@ -1,0 +1,60 @@
+"""Progress events of a run, and their display as tqdm bars on stderr."""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["Progress", "TqdmProgress", "as_progress"]
+
+
+class Progress:
+    """Receives progress events; the default ignores them."""
+
+    def pass_started(self, label: str, total: int) -> None:
+        """A pass over ``total`` samples begins."""
+
+    def advance(self, n: int) -> None:
+        """``n`` more samples of the current pass are done."""
+
+    def pass_finished(self) -> None:
+        """The current pass ended."""
+
+    def note(self, text: str) -> None:
+        """A message worth showing between passes."""
+
+
+class TqdmProgress(Progress):
+    """One tqdm bar per pass on stderr (unless ``bars=False``), messages between them."""
+
+    def __init__(self, *, bars: bool = True) -> None:
+        self._bar = None
+        self._bars = bars
+
+    def pass_started(self, label: str, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if not self._bars:
+            return
+        self._bar = tqdm(total=total, desc=label, unit="img", unit_scale=True, leave=True)
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def pass_finished(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def note(self, text: str) -> None:
+
+        from tqdm.auto import tqdm
+
+        tqdm.write(text, file=sys.stderr)
+
+
+def as_progress(progress: Progress | bool | None) -> Progress:
+    """``True``: bars on stderr; ``False``/``None``: silent; else the object itself."""
+    if progress is True:
+        return TqdmProgress()
+    return progress or Progress()
