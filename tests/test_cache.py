@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import zarr
 from torch import nn
 from torch.nn import functional as F
 
@@ -14,29 +13,9 @@ from lsuv_pipeline.layers import trace
 from lsuv_pipeline.models import mj
 from lsuv_pipeline.progress import Progress
 from lsuv_pipeline.solve import Solution
+from tests.stores import assert_same_bytes
 
 CONFIG = dict(limit=1200, shard_size=400, batch_size=100, verify=False)
-
-
-def arrays(path):
-    out = {}
-
-    def walk(group, prefix):
-        for name, member in group.members():
-            if isinstance(member, zarr.Array):
-                out[prefix + name] = member[...]
-            else:
-                walk(member, f"{prefix}{name}/")
-
-    walk(zarr.open_group(str(path), mode="r"), "")
-    return out
-
-
-def assert_same_bytes(a, b):
-    left, right = arrays(a), arrays(b)
-    assert sorted(left) == sorted(right)
-    for key, value in left.items():
-        assert value.tobytes() == right[key].tobytes(), key
 
 
 class Block(nn.Module):

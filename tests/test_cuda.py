@@ -9,6 +9,7 @@ import zarr
 
 from lsuv_pipeline import RunConfig, compute
 from lsuv_pipeline import moments as mom
+from tests.stores import same_bytes
 
 pytestmark = [
     pytest.mark.cuda,
@@ -16,27 +17,6 @@ pytestmark = [
 ]
 
 CONFIG = RunConfig(limit=4000, shard_size=1000, batch_size=250, holdout=None)
-
-
-def arrays(path):
-    out = {}
-
-    def walk(group, prefix):
-        for name, member in group.members():
-            if isinstance(member, zarr.Array):
-                out[prefix + name] = member[...]
-            else:
-                walk(member, f"{prefix}{name}/")
-
-    walk(zarr.open_group(str(path), mode="r"), "")
-    return out
-
-
-def same_bytes(a, b):
-    left, right = arrays(a), arrays(b)
-    return sorted(left) == sorted(right) and all(
-        v.tobytes() == right[k].tobytes() for k, v in left.items()
-    )
 
 
 def test_cuda_solve_is_exact_and_reproducible(tmp_path, data_root):

@@ -19,24 +19,11 @@ import torch
 import zarr
 
 from lsuv_pipeline.models import mj
+from tests.stores import store_arrays
 
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "l1"]
 SHIPPED = Path(__file__).resolve().parents[1] / "data" / "mnist-mj.zarr"
 DOCUMENTED = ["compute", "--dataset", "mnist", "--model", "mj", "--seed", "0"]
-
-
-def arrays(path):
-    out = {}
-
-    def walk(group, prefix):
-        for name, member in group.members():
-            if isinstance(member, zarr.Array):
-                out[prefix + name] = member[...]
-            else:
-                walk(member, f"{prefix}{name}/")
-
-    walk(zarr.open_group(str(path), mode="r"), "")
-    return out
 
 
 def float64_layer_stats(model, images: torch.Tensor, names, batch=1000):
@@ -79,7 +66,7 @@ def test_compute_on_full_mnist_gives_every_layer_mean_0_std_1(tmp_path, data_roo
     assert "5 layers solved in 5 passes" in proc.stdout
 
     # the same arrays as the shipped checkpoint
-    mine, shipped = arrays(out), arrays(SHIPPED)
+    mine, shipped = store_arrays(out), store_arrays(SHIPPED)
     assert sorted(mine) == sorted(shipped)
     same_kernels = (
         zarr.open_group(str(SHIPPED), mode="r").attrs["cpu_capability"]

@@ -15,30 +15,10 @@ from lsuv_pipeline import RunConfig, compute
 from lsuv_pipeline.cli import cli
 from lsuv_pipeline.executors import DaskExecutor
 from lsuv_pipeline.progress import Progress
+from tests.stores import assert_same_bytes
 
 SMALL = ["--limit", "3000", "--shard-size", "500", "--batch-size", "250", "-q", "--device", "cpu"]
 CONFIG = RunConfig(limit=3000, shard_size=500, batch_size=250)
-
-
-def arrays(path):
-    out = {}
-
-    def walk(group, prefix):
-        for name, member in group.members():
-            if isinstance(member, zarr.Array):
-                out[prefix + name] = member[...]
-            else:
-                walk(member, f"{prefix}{name}/")
-
-    walk(zarr.open_group(str(path), mode="r"), "")
-    return out
-
-
-def assert_same_bytes(a, b):
-    left, right = arrays(a), arrays(b)
-    assert sorted(left) == sorted(right)
-    for key, value in left.items():
-        assert value.tobytes() == right[key].tobytes(), key
 
 
 def cli_compute(out, data_root, *extra):

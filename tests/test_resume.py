@@ -15,6 +15,7 @@ import zarr
 from lsuv_pipeline import RunConfig, compute
 from lsuv_pipeline.errors import StoreError
 from lsuv_pipeline.lock import LOCK_NAME, writer_lock
+from tests.stores import assert_same_bytes
 
 DRIVER = Path(__file__).with_name("crash_driver.py")
 # 2400 train and 2400 test samples in 6 shards of 400: 6 shards per pass
@@ -27,30 +28,6 @@ def drive(point, out, data_root, *extra):
          "--out", str(out), *ARGS, *extra],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-
-
-def arrays(path):
-    """Every array of a store (partial-pass records excepted), by path."""
-    out = {}
-
-    def walk(group, prefix):
-        for name, member in group.members():
-            full = f"{prefix}{name}"
-            if isinstance(member, zarr.Array):
-                out[full] = member[...]
-            elif full != "partial":
-                walk(member, full + "/")
-
-    walk(zarr.open_group(str(path), mode="r"), "")
-    return out
-
-
-def assert_same_bytes(a, b):
-    left, right = arrays(a), arrays(b)
-    assert sorted(left) == sorted(right)
-    for key, value in left.items():
-        assert value.dtype == right[key].dtype, key
-        assert value.tobytes() == right[key].tobytes(), key
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,13 @@ class _Group(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
+DATA_ROOT = click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    help="Folder holding the datasets [default: $LSUV_DATA_ROOT, else data/].",
+)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lsuv-pipeline")
 def cli() -> None:
@@ -92,11 +99,7 @@ def cli() -> None:
 @click.option(
     "--exclude", multiple=True, metavar="REGEX", help="Leave out matching layers; repeatable."
 )
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False),
-    help="Folder holding the datasets [default: $LSUV_DATA_ROOT, else data/].",
-)
+@DATA_ROOT
 @click.option(
     "--out",
     type=click.Path(dir_okay=True, file_okay=False),
@@ -330,11 +333,7 @@ def show(run: str, plot: str | None) -> None:
     show_default=True,
     help="Largest |mean| and |std - target| accepted per layer.",
 )
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False),
-    help="Folder holding the datasets [default: $LSUV_DATA_ROOT, else data/].",
-)
+@DATA_ROOT
 @click.option("--device", default="auto", show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def verify(run: str, split: str, tol: float, data_root, device: str, quiet: bool) -> None:
