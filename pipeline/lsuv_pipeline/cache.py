@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from . import moments as mom
 from .layers import LayerInfo, channel_dim
-from .solve import Solution, on_device, transform_output
+from .solve import OutputMap, Solution, output_map, transform_output
 
 __all__ = [
     "ActivationCache",
@@ -98,13 +98,14 @@ class Segments:
         if self.positions != sorted(self.positions):
             raise Uncacheable("the traced graph runs the layers in another order than the model")
         self.dims = [channel_dim(model.get_submodule(n)) for n in self.names]
+        self.dtypes = [model.get_submodule(n).weight.dtype for n in self.names]
         self.layer_at = {p: k for k, p in enumerate(self.positions)}
         index = {n: i for i, n in enumerate(self.nodes)}
         # the last node that reads each value; a value nobody reads dies where it is made
         self.last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in self.nodes}
         self._interpreter = fx.Interpreter(self.module, garbage_collect_values=False)
 
-    def _run(self, env: dict, start: int, stop: int, solved: dict[int, Solution]) -> None:
+    def _run(self, env: dict, start: int, stop: int, solved: dict[int, OutputMap]) -> None:
         """Run nodes ``start..stop-1`` on ``env``; map solved layers' outputs; free dead ones."""
         interp = self._interpreter
         interp.env = env
@@ -146,8 +147,7 @@ class Segments:
         stop = self.positions[k] + 1
         node = self.nodes[self.positions[k]]
         dim = self.dims[k]
-        dtype = next(self.module.parameters(), torch.empty(0)).dtype
-        solved = {j: on_device(sol, device, dtype) for j, sol in solved.items()}
+        solved = {j: output_map(sol, device, self.dtypes[j]) for j, sol in solved.items()}
         if state is not None and state.layer == k - 1:  # continue from the cut
             prev = self.nodes[self.positions[k - 1]]
             start = self.positions[k - 1] + 1

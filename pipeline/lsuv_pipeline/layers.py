@@ -24,7 +24,7 @@ from torch import nn
 
 from . import moments as mom
 from .errors import ConfigError, ModelError
-from .solve import Solution, on_device, transform_output
+from .solve import Solution, output_map, transform_output
 
 __all__ = [
     "TARGET_TYPES",
@@ -217,10 +217,10 @@ def solved_outputs(model: nn.Module, solved: Sequence[tuple[str, Solution]]) -> 
         for name, solution in solved:
             module = model.get_submodule(name)
             dim = channel_dim(module)
-            solution = on_device(solution, module.weight.device, module.weight.dtype)
+            out_map = output_map(solution, module.weight.device, module.weight.dtype)
 
-            def hook(mod, inputs, output, solution=solution, dim=dim):
-                return transform_output(output, solution, dim)
+            def hook(mod, inputs, output, out_map=out_map, dim=dim):
+                return transform_output(output, out_map, dim)
 
             handles.append(module.register_forward_hook(hook))
         yield

@@ -83,16 +83,15 @@ def from_batch(x: torch.Tensor, channel_dim: int = 1) -> Moments:
         Moments with ``(C,)`` float64 mean and m2, on ``x``'s device.
     """
     channel_dim = channel_dim % x.ndim
-    channels = x.shape[channel_dim]
-    flat = x.detach().movedim(channel_dim, 0).reshape(channels, -1)  # (C, N * spatial)
-    if flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()  # half precision sums lose ~3 digits over a batch
-    count = flat.shape[1]
+    count = x.numel() // x.shape[channel_dim] if x.shape[channel_dim] else 0
     if count == 0:
         return Moments.empty()
-    var, mean = torch.var_mean(flat, dim=1, correction=0)
-    mean = mean.to(torch.float64)
-    return Moments(count=count, mean=mean, m2=var.to(torch.float64) * count)
+    x = x.detach()
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()  # half precision sums lose ~3 digits over a batch
+    pooled = tuple(d for d in range(x.ndim) if d != channel_dim)  # reduced in place, no copy
+    var, mean = torch.var_mean(x, dim=pooled, correction=0)
+    return Moments(count=count, mean=mean.to(torch.float64), m2=var.to(torch.float64) * count)
 
 
 def merge(a: Moments, b: Moments) -> Moments:

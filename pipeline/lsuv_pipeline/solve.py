@@ -34,12 +34,13 @@ from .errors import LayerError
 
 __all__ = [
     "Mode",
+    "OutputMap",
     "Refinement",
     "Residual",
     "Solution",
     "check_finite_spread",
-    "on_device",
     "orthogonal_",
+    "output_map",
     "rescale_",
     "residual",
     "solve",
@@ -63,13 +64,21 @@ class Solution:
     shift: torch.Tensor
 
 
-def on_device(solution: Solution, device: torch.device, dtype: torch.dtype) -> Solution:
-    """The same update with its tensors on ``device`` in ``dtype``, ready to apply per batch
-    without a host-to-device copy each time."""
-    return Solution(
-        scale=solution.scale.to(device=device, dtype=dtype),
-        shift=solution.shift.to(device=device, dtype=dtype),
-    )
+@dataclass(frozen=True)
+class OutputMap:
+    """A solution as the map it applies to a layer's outputs, ``y * factor + offset`` with
+    ``factor = 1 / scale`` and ``offset = -shift / scale`` (computed in float64), on the
+    device and in the dtype of the outputs: built once per pass, applied per batch."""
+
+    factor: torch.Tensor
+    offset: torch.Tensor
+
+
+def output_map(solution: Solution, device: torch.device, dtype: torch.dtype) -> OutputMap:
+    """Return the :class:`OutputMap` of ``solution`` for outputs on ``device`` in ``dtype``."""
+    factor = 1.0 / solution.scale.to(torch.float64)
+    offset = -solution.shift.to(torch.float64) * factor
+    return OutputMap(factor.to(device=device, dtype=dtype), offset.to(device=device, dtype=dtype))
 
 
 @dataclass(frozen=True)
@@ -169,22 +178,21 @@ def _channel_view(module: nn.Module, s: torch.Tensor) -> tuple[torch.Tensor, tup
     return s.view(-1, *([1] * (w.ndim - 1))), tuple(w.shape)  # weight (out, ...)
 
 
-def transform_output(y: torch.Tensor, solution: Solution, channel_dim: int) -> torch.Tensor:
+def transform_output(y: torch.Tensor, out_map: OutputMap, channel_dim: int) -> torch.Tensor:
     """Return ``(y - shift) / scale``: the layer's output as if its update were applied.
 
-    During the solve the model keeps its initial weights and each solved layer's output
-    goes through this map instead (the same values up to float32 rounding as running
-    the rescaled weights, and the same bits however the pass is run: from the input, or
-    from cached activations). The final weights are computed once at the end with
-    :func:`rescale_`.
+    Computed as one fused ``y * factor + offset`` (:func:`output_map`). During the solve the
+    model keeps its initial weights and each solved layer's output goes through this map
+    instead: the same values up to float32 rounding as running the rescaled weights, and
+    the same bits however a pass runs (from the input, or from cached activations). The
+    final weights are computed once at the end with :func:`rescale_`.
     """
-    scale = solution.scale.to(device=y.device, dtype=y.dtype)
-    shift = solution.shift.to(device=y.device, dtype=y.dtype)
-    if scale.ndim:
+    factor, offset = out_map.factor, out_map.offset
+    if factor.ndim:
         view = [1] * y.ndim
         view[channel_dim] = -1
-        scale, shift = scale.view(view), shift.view(view)
-    return (y - shift) / scale
+        factor, offset = factor.view(view), offset.view(view)
+    return torch.addcmul(offset, y, factor)
 
 
 @torch.no_grad()
