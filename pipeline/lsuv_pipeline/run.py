@@ -3,19 +3,22 @@
 ::
 
     for each target layer k, in forward order:
-        every shard: forward with early exit after k  ->  per-shard moments of k's output
-        merge the shard moments in shard order        ->  solve  ->  rescale k
-        commit k to the store (moments before, scale, shift)
-    final weights; verify: every layer's moments before (initial weights) and after LSUV
+        every shard: run up to layer k  ->  per-shard moments of k's output
+            (from the cached cut after layer k-1 when the model allows, cache.py;
+             else from the input, with the forward stopped right after layer k)
+        merge the shard moments in shard order  ->  solve k  ->  commit k to the store
+    final weights = initial weights rescaled by every committed update
+    verify: every layer's moments before (initial weights) and after LSUV, per split
 
-Every finished shard is recorded in the store as it arrives, and every solved layer is
-committed, so a rerun of the same command after a crash replays ``initial`` plus the
-committed updates, keeps the finished shards of the pass in progress, and ends with the
-same bytes as an uninterrupted run. A finished store with the same config and data is up
-to date: a rerun does no pass.
+During the solve the model keeps its initial weights; the outputs of solved layers go
+through their updates (``solve.transform_output``). Every finished shard is recorded in the
+store as it arrives, and every solved layer is committed, so a rerun of the same command
+after a crash reads the committed updates back, keeps the finished shards of the pass in
+progress, and ends with the same bytes as an uninterrupted run. A finished store with the
+same config and data is up to date: a rerun does no pass.
 
 This module wires the others together and reports progress; the math is in ``solve.py``,
-the hooks in ``layers.py``, the IO in ``store.py``.
+the hooks in ``layers.py``, the cache in ``cache.py``, the IO in ``store.py``.
 """
 
 from __future__ import annotations

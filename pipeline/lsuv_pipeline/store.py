@@ -18,7 +18,7 @@ A run is one Zarr v3 group (schema 1)::
 Arrays hold numbers, attributes hold JSON; nothing is pickled. Every array records the
 sha256 of its bytes, so a missing chunk (which Zarr would read back as fill values) or a
 damaged one is caught on read. A layer group counts only once its ``committed`` attribute
-is set, which is written last; a rerun replays ``initial`` and the committed updates and
+is set, which is written last; a rerun reads ``initial`` and the committed updates back and
 continues from the partial pass, so a run killed at any moment resumes to the same bytes.
 Only the coordinating process calls this module.
 """
