@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import zarr
 from torch import nn
 from torch.nn import functional as F
 
@@ -184,3 +185,27 @@ def test_segments_refuse_shared_layers_and_sizes_parse():
     assert parse_size("0") == 0 and parse_size("auto") is None and parse_size(123) == 123
     with pytest.raises(ValueError, match="not a size"):
         parse_size("lots")
+
+
+class TrainOnlyBranch(nn.Module):
+    """A head that only runs in training mode (like an auxiliary classifier)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.aux = nn.Linear(4, 10)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x)).mean((2, 3))
+        if self.training:
+            return self.fc(x) + self.aux(x)
+        return self.fc(x)
+
+
+def test_the_cache_traces_the_eval_mode_forward(tmp_path, data_root):
+    on, notes = run(tmp_path, "on", data_root, TrainOnlyBranch)
+    off, _ = run(tmp_path, "off", data_root, TrainOnlyBranch, cache=False)
+    assert not any("activation cache off" in n for n in notes)
+    assert_same_bytes(on, off)
+    assert "aux" not in zarr.open_group(str(on), mode="r")["layers"]

@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 
 from . import moments as mom
-from .layers import LayerInfo, channel_dim
+from .layers import LayerInfo, channel_dim, evaluating
 from .solve import OutputMap, Solution, output_map, transform_output
 
 __all__ = [
@@ -75,7 +75,8 @@ class Segments:
         if shared:
             raise Uncacheable(f"layer {shared[0]!r} runs more than once per forward")
         try:
-            self.module = fx.symbolic_trace(model)
+            with evaluating(model):  # trace the eval-mode forward, the one passes run
+                self.module = fx.symbolic_trace(model)
         except Exception as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
             raise Uncacheable(f"torch.fx cannot trace {type(model).__name__} ({reason})") from None
