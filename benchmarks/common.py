@@ -293,11 +293,12 @@ def machine(settings: Settings) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "lsuv (PyPI)": _version("lsuv"),
-        "load average at start (1, 5, 15 min)": _load(),
+        "load average at start (1, 5, 15 min)": load_average(),
     }
 
 
-def _load() -> str:
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: how busy the shared machine was."""
     if not hasattr(os, "getloadavg"):
         return "unknown"
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())

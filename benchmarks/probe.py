@@ -6,8 +6,10 @@
 2. warm up: one forward of one batch (thread pools, kernel choice), reset the peak RSS to
    the current RSS (``common.reset_peak``) and read it: the baseline, data and model in;
 3. run the solve ``method`` (timed) and read the peak RSS again: the solve's peak;
-4. if ``forward``: time one plain no-grad forward pass over the split, the unit the solve's
-   time is divided by; it runs after the solve so that it cannot raise the solve's peak.
+4. if ``forward``: time one plain no-grad forward pass over the split (one copy of it), the
+   unit the solve's time is divided by, measured seconds after the solve in the same
+   process so that both see the same machine load; it runs after the solve so that it
+   cannot raise the solve's peak.
 
 Spec keys: method, dataset, data_root, limit, repeat, batch_size, threads, work, forward,
 serve (hand the open split to ``compute``; see ``common.serving``), workers (dask).
@@ -105,9 +107,10 @@ def main(spec: dict) -> dict:
     out["base_rss_mib"] = base
     out["peak_reset"] = reset
     out["peak_rss_mib"] = peak_rss_mib()
-    if spec.get("forward"):
+    if spec.get("forward"):  # over one copy of the split: the unit at every size
+        unit = src.inner if isinstance(src, Repeated) else src
         started = time.perf_counter()
-        forward_pass(model, src, spec["batch_size"])
+        forward_pass(model, unit, spec["batch_size"])
         out["forward_s"] = time.perf_counter() - started
     out["count"] = src.count
     return out

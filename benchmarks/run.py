@@ -5,6 +5,9 @@
     python benchmarks/run.py --data-root ../shared/data            # full: about an hour, 2 cores
     python benchmarks/run.py --data-root ../shared/data --quick    # a couple of minutes
 
+A full run writes into ``benchmarks/`` (the committed results); a quick run into
+``benchmarks/quick/``, which git ignores, so a smoke test never overwrites the evidence.
+
 Sections (one module each): 1 cost (``cost.py``), 2 init quality (``quality.py``),
 3 training (``training.py``), 4 scaling (``scaling.py``). Every number in RESULTS.md,
 the plain-language findings included, is computed from this run's measurements, which are
@@ -28,7 +31,7 @@ import time  # noqa: E402
 import click  # noqa: E402
 
 from benchmarks import cost, quality, scaling, training  # noqa: E402
-from benchmarks.common import Settings, log, machine, table  # noqa: E402
+from benchmarks.common import Settings, load_average, log, machine, table  # noqa: E402
 
 SECTIONS = {"cost": cost, "quality": quality, "training": training, "scaling": scaling}
 
@@ -48,31 +51,42 @@ def _require() -> None:
 
 
 def run(settings: Settings) -> Path:
-    """Measure every section, then write the results into ``settings.out``."""
+    """Measure every section, record the raw numbers, then write the report."""
     settings.out.mkdir(parents=True, exist_ok=True)
-    info = machine(settings)
-    results, seconds = {}, {}
+    raw = {"machine": machine(settings), "settings": settings.record(), "seconds": {}}
     started = time.perf_counter()
     for name, module in SECTIONS.items():
         t = time.perf_counter()
         log(f"section {name}")
-        results[name] = module.measure(settings)
-        seconds[name] = time.perf_counter() - t
-    total = time.perf_counter() - started
-    (settings.out / "results.json").write_text(
-        json.dumps(
-            {"machine": info, "settings": settings.record(), "seconds": seconds, **results},
-            indent=1,
-        )
-    )
+        raw[name] = module.measure(settings)
+        raw["seconds"][name] = time.perf_counter() - t
+    raw["seconds"]["total"] = time.perf_counter() - started
+    raw["machine"]["load average at end (1, 5, 15 min)"] = load_average()
+    (settings.out / "results.json").write_text(json.dumps(raw, indent=1))
+    path = write(raw, settings)
+    log(f"wrote {path} in {raw['seconds']['total'] / 60:.1f} min")
+    return path
+
+
+def write(raw: dict, settings: Settings) -> Path:
+    """Write RESULTS.md and the plots into ``settings.out`` from the raw numbers."""
     parts = [
-        _head(settings, info, seconds, total),
-        *(SECTIONS[n].render(results[n], settings, settings.out) for n in SECTIONS),
+        _head(settings, raw["machine"], raw["seconds"]),
+        *(SECTIONS[n].render(raw[n], settings, settings.out) for n in SECTIONS),
     ]
     path = settings.out / "RESULTS.md"
     path.write_text("\n\n".join(parts) + "\n")
-    log(f"wrote {path} in {total / 60:.1f} min")
     return path
+
+
+def rerender(results: Path, out: Path | None) -> Path:
+    """Rewrite RESULTS.md and the plots from a results.json, measuring nothing."""
+    raw = json.loads(results.read_text())
+    record = {k: tuple(v) if isinstance(v, list) else v for k, v in raw["settings"].items()}
+    out = (out or results.parent).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = Settings(data_root=Path(), out=out, work=Path(), **record)
+    return write(raw, settings)
 
 
 def _command(settings: Settings) -> str:
@@ -87,7 +101,7 @@ def _command(settings: Settings) -> str:
     return " ".join(["python benchmarks/run.py", *flags])
 
 
-def _head(settings: Settings, info: dict, seconds: dict, total: float) -> str:
+def _head(settings: Settings, info: dict, seconds: dict) -> str:
     if settings.quick:
         mode = "quick mode: a smoke test on small subsets, one repeat; not the evidence"
     else:
@@ -95,10 +109,7 @@ def _head(settings: Settings, info: dict, seconds: dict, total: float) -> str:
     limit = "whole splits" if settings.limit is None else f"first {settings.limit} per split"
     rows = [[k, v] for k, v in info.items()]
     rows.append(["samples", limit])
-    rows.append(
-        ["wall time", ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
-         + f"; total {total / 60:.1f} min"]
-    )  # fmt: skip
+    rows.append(["wall time", ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())])
     return "\n".join(
         [
             "# Benchmarks: cost, init quality, training, scaling",
@@ -126,20 +137,41 @@ def _head(settings: Settings, info: dict, seconds: dict, total: float) -> str:
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
-    default=REPO / "benchmarks",
-    show_default="benchmarks/",
+    show_default="benchmarks/; with --quick benchmarks/quick/, git-ignored",
     help="Where RESULTS.md, results.json and the plots go.",
 )
-@click.option("--limit", type=click.IntRange(min=256), help="Samples per split (overrides).")
-@click.option("--repeats", type=click.IntRange(min=1), help="Timed runs per measurement.")
-@click.option("--seeds", type=click.IntRange(min=1), help="Training seeds (0, 1, ...).")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=256),
+    help="Samples per split [default: all; 4096 with --quick].",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    help="Timed runs per measurement [default: 3; 1 with --quick].",
+)
+@click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    help="Training seeds 0..N-1 [default: 3; 1 with --quick].",
+)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="Torch threads per process.")  # fmt: skip
 @click.option("--jobs", type=click.IntRange(min=1), default=2, show_default=True,
               help="Training runs in parallel.")  # fmt: skip
-def main(quick, data_root, out, limit, repeats, seeds, threads, jobs):
+@click.option(
+    "--render",
+    "render_from",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Measure nothing: rewrite RESULTS.md and the plots from this results.json "
+    "(into its folder, or --out).",
+)
+def main(quick, data_root, out, limit, repeats, seeds, threads, jobs, render_from):
     """Measure cost, init quality, training and scaling; write RESULTS.md and plots."""
     _require()
+    if render_from is not None:
+        click.echo(rerender(render_from, out))
+        return
     overrides = {"threads": threads, "jobs": jobs}
     if repeats is not None:
         overrides["repeats"] = repeats
@@ -150,7 +182,7 @@ def main(quick, data_root, out, limit, repeats, seeds, threads, jobs):
             quick=quick,
             limit=limit,
             data_root=data_root.resolve(),
-            out=out.resolve(),
+            out=(out or REPO / "benchmarks" / ("quick" if quick else "")).resolve(),
             work=Path(work),
             **overrides,
         )

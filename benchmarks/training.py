@@ -4,8 +4,9 @@ Every (dataset, init, seed) is one run: MJ under ``seed``, the init (data-driven
 that dataset's training split), then plain SGD with a fixed learning rate, momentum and
 minibatch size for a fixed number of epochs, the minibatch order drawn from ``seed``. The
 training loss is logged as its mean over windows of steps; test accuracy is measured over
-the whole test split at the end. Runs are independent processes, ``settings.jobs`` at a
-time, one torch thread each.
+the whole test split at the end. Runs go to a pool of ``settings.jobs`` worker processes
+(fresh interpreters, one torch thread each); a run's numbers do not depend on which worker
+ran it or when.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from .common import Settings, figure, labels, log, source, table
 
 DATASETS = ("mnist", "fashion-mnist")
 WINDOWS_PER_EPOCH = 20
+NUM_CLASSES = 10  # MNIST and Fashion-MNIST alike
+HYPER = ("threads", "train_batch", "epochs", "lr", "momentum")  # settings each run reads
 
 
 @functools.lru_cache(maxsize=1)
@@ -96,8 +99,7 @@ def measure(settings: Settings) -> dict:
             "data_root": str(settings.data_root),
             "limit": settings.limit,
             "work": str(settings.work),
-            **{k: getattr(settings, k) for k in ("threads", "train_batch", "epochs")},
-            **{k: getattr(settings, k) for k in ("lr", "momentum")},
+            **{k: getattr(settings, k) for k in HYPER},
         }
         for d in DATASETS
         for s in settings.seeds
@@ -181,7 +183,7 @@ def render(results: dict, settings: Settings, out: Path) -> str:
             "",
             plot,
             "",
-            *_findings(s, settings),
+            *_findings(s, results["runs"], settings),
         ]
     )
 
@@ -190,37 +192,55 @@ def _steps(n: int) -> str:
     return f"{n} step" + ("s" if n != 1 else "")
 
 
-def _findings(s: dict, settings: Settings) -> list[str]:
+def _findings(s: dict, runs: list[dict], settings: Settings) -> list[str]:
+    n = len(settings.seeds)
     lines = ["What it shows:", ""]
     for d in DATASETS:
         inits = [i for (dd, i) in s if dd == d]
         by_acc = sorted(inits, key=lambda i: -s[d, i]["acc_mean"])
-        best = by_acc[0]
-        spread = max(s[d, i]["acc_std"] for i in inits)
         ours = [i for i in inits if i.startswith("ours")]
-        best_ours = min(ours, key=by_acc.index)
-        gap = 100 * (s[d, best]["acc_mean"] - s[d, best_ours]["acc_mean"])
-        early = min(inits, key=lambda i: s[d, i]["first"])
+        best, best_ours = by_acc[0], min(ours, key=by_acc.index)
+        other = next(i for i in by_acc if i not in ours)  # the best of the others
+        gap = 100 * (s[d, best_ours]["acc_mean"] - s[d, other]["acc_mean"])
+        se = 100 * math.sqrt((s[d, other]["acc_std"] ** 2 + s[d, best_ours]["acc_std"] ** 2) / n)
         line = (
-            f"- {d}: highest mean test accuracy `{best}` "
-            f"({100 * s[d, best]['acc_mean']:.2f} %); ours ranks "
+            f"- {d}: highest mean test accuracy `{best}` ({100 * s[d, best]['acc_mean']:.2f} %);"
+            " ours ranks "
             + " and ".join(
                 f"{by_acc.index(i) + 1} (`{i}`, {100 * s[d, i]['acc_mean']:.2f} %)" for i in ours
             )
-            + f" of {len(inits)}; lowest {100 * s[d, by_acc[-1]]['acc_mean']:.2f} % "
-            f"(`{by_acc[-1]}`)."
+            + f" of {len(inits)}; lowest `{by_acc[-1]}` "
+            f"({100 * s[d, by_acc[-1]]['acc_mean']:.2f} %). "
         )
-        if best_ours != best:
-            compare = "less" if gap < spread else "more"
-            line += (
-                f" Our best is {gap:.2f} points behind the best, {compare} than the largest "
-                f"seed-to-seed std ({100 * spread:.2f} points)"
-                + (" (one seed: no spread to compare with)." if settings.seeds[1:] == () else ".")
-            )
-        line += f" Lowest loss over the first steps: `{early}` ({s[d, early]['first']:.3f})."
+        where = "ahead of" if gap >= 0 else "behind"
+        line += (
+            f"Our best, `{best_ours}`, is {abs(gap):.2f} points {where} the best other init, "
+            f"`{other}`"
+        )
+        line += (
+            f"; the standard error of that difference over {n} seeds is {se:.2f} points."
+            if n > 1
+            else " (one seed: no spread to compare with)."
+        )
+        last = min(inits, key=lambda i: s[d, i]["last"])
+        line += (
+            f" Lowest training loss in the last window: `{last}` ({s[d, last]['last']:.3f}); "
+            + ", ".join(f"`{i}` {s[d, i]['last']:.3f}" for i in ours)
+            + "."
+        )
+        first = max(inits, key=lambda i: s[d, i]["first"])
+        line += (
+            f" Highest loss in the first window: `{first}` ({s[d, first]['first']:.2f}; equal "
+            f"logits score ln {NUM_CLASSES} = {math.log(NUM_CLASSES):.2f})."
+        )
+        worst = min((r for r in runs if r["dataset"] == d), key=lambda r: r["test_acc"])
+        line += (
+            f" Worst single run: `{worst['init']}` seed {worst['seed']} at "
+            f"{100 * worst['test_acc']:.2f} % (chance is {100 / NUM_CLASSES:.0f} %)."
+        )
         diverged = [i for i in inits if s[d, i]["diverged"]]
         if diverged:
-            line += " Diverged (NaN loss): " + ", ".join(f"`{i}`" for i in diverged) + "."
+            line += " Diverged (non-finite loss): " + ", ".join(f"`{i}`" for i in diverged) + "."
         lines.append(line)
     return lines
 
@@ -243,6 +263,7 @@ def _plot(plt, runs: list[dict]):
         ax.set_yscale("log")
         ax.set_title(f"{d}: training loss")
         ax.set_xlabel("SGD step")
-    axes[0].set_ylabel("cross-entropy (window mean; line: seed mean, band: min–max)")
+    axes[0].set_ylabel("cross-entropy (window mean)")
+    fig.suptitle("Training loss: line = mean over seeds, band = min–max over seeds")
     axes[1].legend(fontsize=8)
     return fig

@@ -116,7 +116,7 @@ def test_cost_table_has_every_method_with_ratio_and_memory(report):
 
 def test_quality_tables_have_every_init_and_layer_on_both_splits(report):
     section = report["2. Init quality"]
-    worst = table_with(section, "max |std−1| test")
+    worst = table_with(section, "max abs(std−1) test")
     assert [r["init"].strip("`") for r in worst] == INITS
     rows = table_with(section, "std test")
     assert [(r["init"].strip("`"), r["layer"]) for r in rows] == [
