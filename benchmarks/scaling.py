@@ -1,0 +1,232 @@
+"""Section 4, scaling: solve time and peak memory against training-set size; inline vs dask.
+
+The training set grows by repetition (1x, 2x, 4x of MNIST's training split, sample ``i``
+is sample ``i % 60000``) without copying it, so the data's memory stays that of one copy
+and any growth in peak memory would be the solve's own. Each measurement is a fresh
+process (``probe.py``) that also times one forward pass over one copy of the split right
+after the solve: the solve's time in those units does not move with the machine's load
+the way seconds do (a solve of minutes on a shared machine). Linear scaling means k
+copies cost k times the units of one copy.
+
+Dask: measured when this build has a dask executor (see :func:`dask_support`, the one hook
+to adapt), else the section says so.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from .common import Settings, figure, log, median, run_probe, table
+
+
+def dask_support() -> str | None:
+    """How this build runs a solve on local dask workers, or ``None`` when it cannot.
+
+    ``compute(..., workers=N)`` if :func:`lsuv_pipeline.compute` takes ``workers``, else
+    ``compute(..., executor=DaskExecutor(workers=N))`` if ``lsuv_pipeline.executors`` has a
+    ``DaskExecutor``.
+    """
+    from lsuv_pipeline import executors, run
+
+    if "workers" in inspect.signature(run.compute).parameters:
+        return "compute(..., workers=N)"
+    if hasattr(executors, "DaskExecutor"):
+        return "compute(..., executor=DaskExecutor(workers=N))"
+    return None
+
+
+def dask_kwargs(workers: int) -> dict:
+    """Keyword arguments of ``compute`` that run it on ``workers`` local dask workers."""
+    how = dask_support()
+    if how is None:
+        raise RuntimeError("dask executor not available in this build")
+    if "executor=" not in how:
+        return {"workers": workers}
+    from lsuv_pipeline.executors import DaskExecutor
+
+    return {"executor": DaskExecutor(workers=workers)}
+
+
+def _spec(settings: Settings, **kw) -> dict:
+    return {
+        "method": "ours-tensor",
+        "dataset": "mnist",
+        "data_root": str(settings.data_root),
+        "limit": settings.limit,
+        "batch_size": settings.batch_size,
+        "threads": settings.threads,
+        "work": str(settings.work),
+        "forward": True,
+        **kw,
+    }
+
+
+def measure(settings: Settings) -> dict:
+    sizes: dict[int, list[dict]] = {k: [] for k in settings.scales}
+    for r in range(settings.repeats):
+        n = len(settings.scales)
+        for k in settings.scales[r % n :] + settings.scales[: r % n]:
+            log(f"scaling: repeat {r + 1}/{settings.repeats}, {k}x")
+            sizes[k].append(run_probe(_spec(settings, repeat=k), settings.threads))
+    results = {"sizes": {str(k): v for k, v in sizes.items()}, "dask": dask_support()}
+    if results["dask"] is not None:
+        runs = {"inline": [], "dask": []}
+        for r in range(settings.repeats):
+            for how in ("inline", "dask") if r % 2 == 0 else ("dask", "inline"):
+                log(f"scaling: repeat {r + 1}/{settings.repeats}, {how}")
+                workers = settings.workers if how == "dask" else None
+                spec = _spec(settings, serve=False, workers=workers)
+                runs[how].append(run_probe(spec, settings.threads))
+        results["dask_runs"] = runs
+    return results
+
+
+def summary(results: dict) -> dict[int, dict]:
+    sizes = {int(k): v for k, v in results["sizes"].items()}
+    one = min(sizes)
+
+    def units(run: dict) -> float:  # solve time in forward passes over one copy
+        return run["solve_s"] / run["forward_s"]
+
+    out = {}
+    for k, runs in sizes.items():
+        # per sample relative to the smallest size, within each repeat (side by side)
+        rel = [(units(r) / k) / (units(b) / one) for r, b in zip(runs, sizes[one], strict=True)]
+        out[k] = {
+            "count": runs[0]["count"],
+            "solve_s": median([r["solve_s"] for r in runs]),
+            "units": median([units(r) for r in runs]),
+            "units_min": min(units(r) for r in runs),
+            "units_max": max(units(r) for r in runs),
+            "per_sample": median(rel),
+            "per_sample_min": min(rel),
+            "per_sample_max": max(rel),
+            "peak": median([r["peak_rss_mib"] for r in runs]),
+            "above": median([r["peak_rss_mib"] - r["base_rss_mib"] for r in runs]),
+            "runs": len(runs),
+        }
+    return out
+
+
+def render(results: dict, settings: Settings, out: Path) -> str:
+    s = summary(results)
+    one, big = min(s), max(s)
+    rows = [
+        [
+            f"{k}x",
+            v["count"],
+            f"{v['solve_s']:.1f}",
+            f"{v['units']:.2f} ({v['units_min']:.2f}–{v['units_max']:.2f})",
+            f"{v['per_sample']:.2f} ({v['per_sample_min']:.2f}–{v['per_sample_max']:.2f})",
+            f"{v['peak']:.0f}",
+            f"{v['above']:.1f}",
+        ]
+        for k, v in s.items()
+    ]
+    header = [
+        "size",
+        "samples",
+        "solve s (median)",
+        "solve / forward over one copy (median, range)",
+        f"per sample, relative to {one}x (linear = 1.00)",
+        "peak RSS MiB",
+        "peak above baseline MiB",
+    ]
+    plot = figure(out / "scaling.png", lambda plt: _plot(plt, s))
+    lines = [
+        "## 4. Scaling",
+        "",
+        f"Ours, tensor mode, MNIST training split repeated {', '.join(f'{k}x' for k in s)} "
+        "(no copy: the data's memory is one split's), batch size "
+        f"{settings.batch_size}, {settings.threads} torch thread(s), verification off; one "
+        f"fresh process per measurement, {s[one]['runs']} repeat(s), sizes side by side "
+        "in each repeat. Time is counted in forward passes over one copy of the split, "
+        "timed in the same process right after the solve, so that a change in the shared "
+        "machine's load between measurements cancels out: linear scaling means k copies "
+        "take k times as many. *Per sample* divides that by k and by the same repeat's "
+        f"{one}x value. Peak RSS and baseline as in section 1.",
+        "",
+        table(header, rows),
+        "",
+        plot,
+        "",
+        "What it shows:",
+        "",
+        f"- Per sample, the solve at {big}x cost {s[big]['per_sample']:.2f} times what it "
+        f"cost at {one}x (range {s[big]['per_sample_min']:.2f}–{s[big]['per_sample_max']:.2f}"
+        f"; 1.00 is linear). In seconds, {big}x took {s[big]['solve_s'] / s[one]['solve_s']:.2f}"
+        f"x as long as {one}x (medians; seconds move with the machine's load).",
+        f"- The solve's addition to peak memory was {s[one]['above']:.1f} MiB at {one}x and "
+        f"{s[big]['above']:.1f} MiB at {big}x ({s[big]['above'] - s[one]['above']:+.1f} MiB).",
+        "",
+        "### Inline vs dask workers",
+        "",
+    ]
+    return "\n".join(lines + _dask(results, settings))
+
+
+def _dask(results: dict, settings: Settings) -> list[str]:
+    if results["dask"] is None:
+        return [
+            "**dask executor not available in this build**: `lsuv_pipeline.compute` takes "
+            "no `workers` argument and `lsuv_pipeline.executors` has no `DaskExecutor`, so "
+            "nothing was measured here. Once one exists, this benchmark measures it through "
+            "`benchmarks/scaling.py:dask_support` with no other change."
+        ]
+    runs = results["dask_runs"]
+    ratios = [
+        (d["solve_s"] / d["forward_s"]) / (i["solve_s"] / i["forward_s"])
+        for d, i in zip(runs["dask"], runs["inline"], strict=True)
+    ]
+    rows = []
+    for how in ("inline", "dask"):
+        rs = runs[how]
+        rows.append(
+            [
+                how if how == "inline" else f"{settings.workers} dask workers",
+                f"{median([r['solve_s'] for r in rs]):.1f}",
+                f"{median([r['solve_s'] / r['forward_s'] for r in rs]):.2f}",
+                "1.00" if how == "inline" else f"{median(ratios):.2f}",
+                f"{median([r['peak_rss_mib'] for r in rs]):.0f}",
+            ]
+        )
+    header = [
+        "executor",
+        "solve s (median)",
+        "solve / forward (median)",
+        "time / inline (median)",
+        "peak RSS MiB",
+    ]
+    return [
+        f"1x, via `{results['dask']}`, {len(ratios)} repeat(s), inline and dask side by "
+        "side in each; both open the data themselves. Time in forward passes as above "
+        f"(the forward runs inline in the coordinating process, {settings.threads} "
+        "thread(s)); *time / inline* compares the two within each repeat. Peak RSS is the "
+        "coordinating process's only: the workers' memory is not measured here.",
+        "",
+        table(header, rows),
+        "",
+        f"- {settings.workers} dask workers took {median(ratios):.2f}x the inline time "
+        f"(range {min(ratios):.2f}–{max(ratios):.2f}).",
+    ]
+
+
+def _plot(plt, s: dict):
+    ks = sorted(s)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(ks, [s[k]["units"] for k in ks], "o-", label="measured (median)")
+    a.plot(ks, [s[ks[0]]["units"] * k / ks[0] for k in ks], "k--", lw=0.8, label="linear")
+    a.set_xlabel("training-set size (copies of the split)")
+    a.set_ylabel("solve time / forward over one copy")
+    a.set_xticks(ks)
+    a.legend()
+    b.plot(ks, [s[k]["peak"] for k in ks], "o-", label="peak RSS")
+    b.plot(ks, [s[k]["peak"] - s[k]["above"] for k in ks], "s--", label="baseline")
+    b.set_xlabel("training-set size (copies of the split)")
+    b.set_ylabel("MiB")
+    b.set_xticks(ks)
+    b.set_ylim(bottom=0)
+    b.legend()
+    fig.suptitle("Scaling of our solve with the training-set size")
+    return fig

@@ -1,0 +1,184 @@
+"""The benchmark's quick mode runs end to end and writes every table it promises.
+
+The numbers themselves are timings on a noisy machine and are not asserted; the tables'
+shape is: which methods, inits, layers, datasets and sizes appear, with a number in each
+measured cell. One claim that does not depend on timing is checked too: ours puts every
+layer at std 1 on the split it was solved on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LIMIT = 1024
+LAYERS = ["conv1", "conv2", "conv3", "conv4", "l1"]
+COST_METHODS = [
+    "forward",
+    "ours-tensor",
+    "ours-nocache",
+    "naive-full",
+    "pypi-lsuv-256",
+    "seed-lsuv-256",
+]
+INITS = [
+    "default",
+    "kaiming",
+    "orthogonal",
+    "pypi-lsuv-64",
+    "pypi-lsuv-256",
+    "pypi-lsuv-1024",
+    "seed-lsuv-256",
+    "ours-tensor",
+    "ours-channel",
+]
+DATASETS = ["mnist", "fashion-mnist"]
+
+
+@pytest.fixture(scope="module")
+def results(data_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "run.py"),
+        "--quick",
+        "--limit",
+        str(LIMIT),
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def sections(text: str) -> dict[str, str]:
+    """``## title`` -> the text under it."""
+    parts = re.split(r"^## ", text, flags=re.M)[1:]
+    return {p.split("\n", 1)[0].strip(): p.split("\n", 1)[1] for p in parts}
+
+
+def tables(text: str) -> list[list[dict[str, str]]]:
+    """Every markdown table in ``text`` as a list of rows keyed by the header."""
+    found, lines = [], text.splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("| ---"):
+            header = [c.strip() for c in lines[i].strip("|").split(" | ")]
+            rows, i = [], i + 2
+            while i < len(lines) and lines[i].startswith("|"):
+                cells = [c.strip() for c in lines[i].strip().strip("|").split(" | ")]
+                rows.append(dict(zip(header, cells, strict=True)))
+                i += 1
+            found.append(rows)
+        else:
+            i += 1
+    return found
+
+
+def number(cell: str) -> float:
+    value = float(cell.split(" ")[0].split("–")[0])
+    assert math.isfinite(value), cell
+    return value
+
+
+def table_with(section: str, column: str) -> list[dict[str, str]]:
+    matches = [t for t in tables(section) if t and column in t[0]]
+    assert matches, f"no table with a {column!r} column"
+    return matches[0]
+
+
+@pytest.fixture(scope="module")
+def report(results) -> dict[str, str]:
+    return sections((results / "RESULTS.md").read_text())
+
+
+def test_results_has_the_four_sections_and_raw_numbers(results, report):
+    assert list(report) == ["1. Cost", "2. Init quality", "3. Training", "4. Scaling"]
+    raw = json.loads((results / "results.json").read_text())
+    assert {"machine", "settings", "cost", "quality", "training", "scaling"} <= set(raw)
+    text = (results / "RESULTS.md").read_text()
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (results / image).is_file(), image
+
+
+def test_cost_table_has_every_method_with_ratio_and_memory(report):
+    rows = table_with(report["1. Cost"], "solve / forward (median)")
+    assert [r["method"].strip("`") for r in rows] == COST_METHODS
+    for r in rows:
+        assert number(r["solve / forward (median)"]) > 0
+        assert number(r["peak RSS MiB"]) > 0
+        assert number(r["peak above baseline MiB"]) >= 0
+
+
+def test_cost_compares_resnet18_with_and_without_the_cache(report):
+    section = report["1. Cost"].split("### A deep network", 1)[1]
+    rows = table_with(section, "passes")
+    assert [r["method"].strip("`") for r in rows] == ["forward", "ours-tensor", "ours-nocache"]
+    for r in rows:
+        assert number(r["solve / forward (median)"]) > 0
+    assert int(rows[1]["passes"]) == int(rows[2]["passes"]) >= 21  # 20 convs and fc
+    # cache on and off must write the same store, and the report must say so
+    assert "byte for byte" in section and "The stores differ" not in section
+
+
+def test_quality_tables_have_every_init_and_layer_on_both_splits(report):
+    section = report["2. Init quality"]
+    worst = table_with(section, "max abs(std−1) test")
+    assert [r["init"].strip("`") for r in worst] == INITS
+    rows = table_with(section, "std test")
+    assert [(r["init"].strip("`"), r["layer"]) for r in rows] == [
+        (i, layer) for i in INITS for layer in LAYERS
+    ]
+    for r in rows:
+        for column in ("mean train", "std train", "mean test", "std test"):
+            number(r[column])
+        if r["init"].startswith("`ours"):  # the exact solve, on the split it solved
+            assert abs(number(r["std train"]) - 1) < 1e-4, r
+
+
+def test_training_table_has_every_init_on_both_datasets(report):
+    rows = table_with(report["3. Training"], "test acc % (mean)")
+    assert [(r["dataset"], r["init"].strip("`")) for r in rows] == [
+        (d, i) for d in DATASETS for i in INITS
+    ]
+    for r in rows:
+        assert 0 <= number(r["test acc % (mean)"]) <= 100
+        assert [k for k in r if k.startswith("train loss")], r
+        for k in r:
+            if k.startswith("train loss"):
+                number(r[k])
+
+
+def _dask_in_build() -> bool:
+    from lsuv_pipeline import executors, run
+
+    return "workers" in inspect.signature(run.compute).parameters or hasattr(
+        executors, "DaskExecutor"
+    )
+
+
+def test_scaling_table_has_each_size_and_says_what_dask_did(report):
+    section = report["4. Scaling"]
+    rows = table_with(section, "samples")
+    assert [r["size"] for r in rows] == ["1x", "2x", "4x"]
+    assert [int(r["samples"]) for r in rows] == [LIMIT, 2 * LIMIT, 4 * LIMIT]
+    for r in rows:
+        assert number(r["solve s (median)"]) > 0
+        assert number(r["peak above baseline MiB"]) >= 0
+    dask = section.split("### Inline vs dask workers", 1)[1]
+    if _dask_in_build():
+        executors = [r["executor"] for r in table_with(dask, "executor")]
+        assert executors[0] == "inline" and "dask" in executors[1]
+    else:
+        assert "dask executor not available in this build" in dask
