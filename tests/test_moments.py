@@ -30,6 +30,19 @@ def test_from_batch_equals_numpy_two_pass(dtype):
     assert close(m.mean, mean, rel) and close(m.var, var, rel)
 
 
+def test_float32_offset_and_memory_layout_keep_the_variance():
+    # the CPU reduction is two-pass (centred): an offset of 1000 std in float32 costs only
+    # rounding, and a channels-last or transposed layout reduces to the same numbers
+    x = torch.randn(32, 6, 9, 9) + 1000
+    m = mom.from_batch(x)
+    mean, var = two_pass(x.numpy())
+    assert close(m.mean, mean, 1e-6) and close(m.var, var, 1e-3)
+    last = mom.from_batch(x.to(memory_format=torch.channels_last))
+    assert close(last.mean, m.mean, 1e-6) and close(last.var, m.var, 1e-5)
+    linear = mom.from_batch(x.movedim(1, -1), channel_dim=-1)  # not contiguous
+    assert close(linear.mean, m.mean, 1e-6) and close(linear.var, m.var, 1e-5)
+
+
 def test_data_offset_by_1e8_keeps_the_variance():
     x = torch.rand(32, 3, 8, 8, dtype=torch.float64) + 1e8
     parts = torch.split(x, 5)

@@ -11,9 +11,15 @@ point because it never forms ``E[x^2] - E[x]^2``:
     \\bar x = \\bar x_a + \\delta \\frac{n_b}{n},\\quad
     M_2 = M_{2,a} + M_{2,b} + \\delta^2 \\frac{n_a n_b}{n}
 
-Per batch, :func:`from_batch` reduces a tensor with ``torch.var_mean`` in its own dtype on its
-own device (centred, so float32 is accurate there); accumulation is in float64 on the same
-device, so a pass needs no host synchronization until its end. The empty value is the identity
+Per batch, :func:`from_batch` reduces a tensor to its per-channel mean and M2, centred (so
+float32 is accurate there), in its own dtype on its own device: with ``torch.var_mean`` on an
+accelerator (one fused kernel), and on the CPU in two passes, a sum for the mean and then
+the sum of squared deviations from it (after a shift by each channel's first value, so a
+constant channel has M2 exactly 0). The two give the same quantities; on the CPU
+``var_mean`` over the non-channel dims of a conv output is about 4x slower than the two
+passes (single thread, ``(256, 32, 28, 28)``: 43 ms against 11 ms), which made it the
+largest cost of a cached solve. Accumulation is in float64 on the same device, so a pass
+needs no host synchronization until its end. The empty value is the identity
 of :func:`merge`, so ``functools.reduce(merge, parts, Moments.empty())`` is a fold.
 
 This module is pure: no hooks, no models, no IO.
@@ -90,8 +96,30 @@ def from_batch(x: torch.Tensor, channel_dim: int = 1) -> Moments:
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()  # half precision sums lose ~3 digits over a batch
     pooled = tuple(d for d in range(x.ndim) if d != channel_dim)  # reduced in place, no copy
+    if x.device.type == "cpu":
+        mean, m2 = _two_pass(x, channel_dim, pooled, count)
+        return Moments(count=count, mean=mean.to(torch.float64), m2=m2.to(torch.float64))
     var, mean = torch.var_mean(x, dim=pooled, correction=0)
     return Moments(count=count, mean=mean.to(torch.float64), m2=var.to(torch.float64) * count)
+
+
+def _two_pass(
+    x: torch.Tensor, channel_dim: int, pooled: tuple[int, ...], count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean, then the sum of squared deviations from it (the CPU's reduction).
+
+    The values are first shifted by each channel's first value, so a constant channel gives
+    deviations of exactly 0 (and M2 == 0, which the solve reports as a dead channel) however
+    its mean rounds; the shifted mean is then taken out, so M2 is centred, as in two-pass.
+    """
+    first = x
+    for d in pooled:
+        first = first.narrow(d, 0, 1)
+    first = first.contiguous()  # (1, C, 1, 1), broadcasts against x; strided is slower
+    shifted = x - first  # x's layout; the one temporary, the size of the batch
+    offset = shifted.sum(dim=pooled, keepdim=True).div_(count)
+    m2 = shifted.sub_(offset).square_().sum(dim=pooled)
+    return (first + offset).flatten(), m2
 
 
 def merge(a: Moments, b: Moments) -> Moments:
