@@ -2,8 +2,9 @@
 
 ::
 
-    python benchmarks/run.py --data-root ../shared/data            # full: about an hour, 2 cores
-    python benchmarks/run.py --data-root ../shared/data --quick    # a couple of minutes
+    python benchmarks/run.py --data-root ../shared/data            # full: about 50 min, 2 cores
+    python benchmarks/run.py --data-root ../shared/data --quick    # about 2 minutes
+    python benchmarks/run.py --data-root ../shared/data --section cost   # one section again
 
 A full run writes into ``benchmarks/`` (the committed results); a quick run into
 ``benchmarks/quick/``, which git ignores, so a smoke test never overwrites the evidence.
@@ -50,22 +51,47 @@ def _require() -> None:
         )
 
 
-def run(settings: Settings) -> Path:
-    """Measure every section, record the raw numbers, then write the report."""
+def run(settings: Settings, only: tuple[str, ...] = ()) -> Path:
+    """Measure every section (or ``only`` these), record the raw numbers, write the report.
+
+    With ``only``, the other sections' numbers are taken from the ``results.json`` already
+    in ``settings.out``, which must come from a run with the same settings.
+    """
     settings.out.mkdir(parents=True, exist_ok=True)
     raw = {"machine": machine(settings), "settings": settings.record(), "seconds": {}}
-    started = time.perf_counter()
+    if only:
+        raw = _previous(settings, only, raw)
     for name, module in SECTIONS.items():
+        if only and name not in only:
+            continue
         t = time.perf_counter()
         log(f"section {name}")
         raw[name] = module.measure(settings)
         raw["seconds"][name] = time.perf_counter() - t
-    raw["seconds"]["total"] = time.perf_counter() - started
+    raw["seconds"]["total"] = sum(raw["seconds"].get(n, 0.0) for n in SECTIONS)
     raw["machine"]["load average at end (1, 5, 15 min)"] = load_average()
     (settings.out / "results.json").write_text(json.dumps(raw, indent=1))
     path = write(raw, settings)
     log(f"wrote {path} in {raw['seconds']['total'] / 60:.1f} min")
     return path
+
+
+def _previous(settings: Settings, only: tuple[str, ...], raw: dict) -> dict:
+    """The sections not in ``only``, from the results.json in ``settings.out``."""
+    path = settings.out / "results.json"
+    if not path.is_file():
+        raise click.ClickException(f"--section needs the other sections' {path}; none there")
+    old = json.loads(path.read_text())
+    if old["settings"] != json.loads(json.dumps(settings.record())):
+        raise click.ClickException(f"{path} was measured with other settings: {old['settings']}")
+    kept = [n for n in SECTIONS if n not in only]
+    raw.update({n: old[n] for n in kept})
+    raw["seconds"] = {n: old["seconds"][n] for n in kept}
+    earlier = old["machine"].get("kept from an earlier run") or (
+        f"{old['machine']['date (UTC)']}, commit {old['machine']['commit']}"
+    )
+    raw["machine"]["kept from an earlier run"] = f"{', '.join(kept)}: {earlier}"
+    return raw
 
 
 def write(raw: dict, settings: Settings) -> Path:
@@ -166,7 +192,15 @@ def _head(settings: Settings, info: dict, seconds: dict) -> str:
     help="Measure nothing: rewrite RESULTS.md and the plots from this results.json "
     "(into its folder, or --out).",
 )
-def main(quick, data_root, out, limit, repeats, seeds, threads, jobs, render_from):
+@click.option(
+    "--section",
+    "sections",
+    multiple=True,
+    type=click.Choice(list(SECTIONS)),
+    help="Measure only this section (repeatable); the others are kept from the "
+    "results.json in --out, which must have the same settings.",
+)
+def main(quick, data_root, out, limit, repeats, seeds, threads, jobs, render_from, sections):
     """Measure cost, init quality, training and scaling; write RESULTS.md and plots."""
     _require()
     if render_from is not None:
@@ -186,7 +220,7 @@ def main(quick, data_root, out, limit, repeats, seeds, threads, jobs, render_fro
             work=Path(work),
             **overrides,
         )
-        path = run(settings)
+        path = run(settings, tuple(sections))
     click.echo(path)
 
 

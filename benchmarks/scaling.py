@@ -2,11 +2,13 @@
 
 The training set grows by repetition (1x, 2x, 4x of MNIST's training split, sample ``i``
 is sample ``i % 60000``) without copying it, so the data's memory stays that of one copy
-and any growth in peak memory would be the solve's own. Each measurement is a fresh
-process (``probe.py``) that also times one forward pass over one copy of the split right
-after the solve: the solve's time in those units does not move with the machine's load
-the way seconds do (a solve of minutes on a shared machine). Linear scaling means k
-copies cost k times the units of one copy.
+and any growth in peak memory would be the solve's own. Both ways of running a pass are
+measured: streaming (``--no-cache``: memory flat by construction) and with the activation
+cache (memory grows with the data up to the cache's budget, then shards are recomputed).
+Each measurement is a fresh process (``probe.py``) that also times one forward pass over
+one copy of the split right after the solve: the solve's time in those units does not move
+with the machine's load the way seconds do (a solve of minutes on a shared machine).
+Linear scaling means k copies cost k times the units of one copy.
 
 Dask: measured when this build has a dask executor (see :func:`dask_support`, the one hook
 to adapt), else the section says so.
@@ -62,14 +64,23 @@ def _spec(settings: Settings, **kw) -> dict:
     }
 
 
+#: How a pass runs -> the probe method.
+HOW = {"streaming": "ours-nocache", "cached": "ours-tensor"}
+
+
 def measure(settings: Settings) -> dict:
-    sizes: dict[int, list[dict]] = {k: [] for k in settings.scales}
+    sizes = {how: {k: [] for k in settings.scales} for how in HOW}
     for r in range(settings.repeats):
         n = len(settings.scales)
         for k in settings.scales[r % n :] + settings.scales[: r % n]:
-            log(f"scaling: repeat {r + 1}/{settings.repeats}, {k}x")
-            sizes[k].append(run_probe(_spec(settings, repeat=k), settings.threads))
-    results = {"sizes": {str(k): v for k, v in sizes.items()}, "dask": dask_support()}
+            for how, method in HOW.items():
+                log(f"scaling: repeat {r + 1}/{settings.repeats}, {k}x, {how}")
+                spec = _spec(settings, repeat=k, method=method)
+                sizes[how][k].append(run_probe(spec, settings.threads))
+    results = {
+        "sizes": {how: {str(k): v for k, v in by.items()} for how, by in sizes.items()},
+        "dask": dask_support(),
+    }
     if results["dask"] is not None:
         runs = {"inline": [], "dask": []}
         for r in range(settings.repeats):
@@ -82,8 +93,8 @@ def measure(settings: Settings) -> dict:
     return results
 
 
-def summary(results: dict) -> dict[int, dict]:
-    sizes = {int(k): v for k, v in results["sizes"].items()}
+def summary(by_size: dict) -> dict[int, dict]:
+    sizes = {int(k): v for k, v in by_size.items()}
     one = min(sizes)
 
     def units(run: dict) -> float:  # solve time in forward passes over one copy
@@ -110,10 +121,12 @@ def summary(results: dict) -> dict[int, dict]:
 
 
 def render(results: dict, settings: Settings, out: Path) -> str:
-    s = summary(results)
+    per = {how: summary(by) for how, by in results["sizes"].items()}
+    s = per["streaming"]
     one, big = min(s), max(s)
     rows = [
         [
+            how,
             f"{k}x",
             v["count"],
             f"{v['solve_s']:.1f}",
@@ -122,9 +135,11 @@ def render(results: dict, settings: Settings, out: Path) -> str:
             f"{v['peak']:.0f}",
             f"{v['above']:.1f}",
         ]
-        for k, v in s.items()
+        for how, sh in per.items()
+        for k, v in sh.items()
     ]
     header = [
+        "pass",
         "size",
         "samples",
         "solve s (median)",
@@ -133,12 +148,15 @@ def render(results: dict, settings: Settings, out: Path) -> str:
         "peak RSS MiB",
         "peak above baseline MiB",
     ]
-    plot = figure(out / "scaling.png", lambda plt: _plot(plt, s))
+    plot = figure(out / "scaling.png", lambda plt: _plot(plt, per))
+    c = per["cached"]
     lines = [
         "## 4. Scaling",
         "",
         f"Ours, tensor mode, MNIST training split repeated {', '.join(f'{k}x' for k in s)} "
-        "(no copy: the data's memory is one split's), batch size "
+        "(no copy: the data's memory is one split's), passes *streaming* (`--no-cache`: "
+        "each pass reads the data from the input, early exit after its layer) and *cached* "
+        "(the default activation cache, default budget: half the free memory), batch size "
         f"{settings.batch_size}, {settings.threads} torch thread(s), verification off; one "
         f"fresh process per measurement, {s[one]['runs']} repeat(s), sizes side by side "
         "in each repeat. Time is counted in forward passes over one copy of the split, "
@@ -153,12 +171,19 @@ def render(results: dict, settings: Settings, out: Path) -> str:
         "",
         "What it shows:",
         "",
-        f"- Per sample, the solve at {big}x cost {s[big]['per_sample']:.2f} times what it "
-        f"cost at {one}x (range {s[big]['per_sample_min']:.2f}–{s[big]['per_sample_max']:.2f}"
-        f"; 1.00 is linear). In seconds, {big}x took {s[big]['solve_s'] / s[one]['solve_s']:.2f}"
-        f"x as long as {one}x (medians; seconds move with the machine's load).",
-        f"- The solve's addition to peak memory was {s[one]['above']:.1f} MiB at {one}x and "
+        f"- Streaming: per sample, the solve at {big}x cost {s[big]['per_sample']:.2f} times "
+        f"what it cost at {one}x (range {s[big]['per_sample_min']:.2f}–"
+        f"{s[big]['per_sample_max']:.2f}; 1.00 is linear). In seconds, {big}x took "
+        f"{s[big]['solve_s'] / s[one]['solve_s']:.2f}x as long as {one}x (medians). Its "
+        f"addition to peak memory was {s[one]['above']:.1f} MiB at {one}x and "
         f"{s[big]['above']:.1f} MiB at {big}x ({s[big]['above'] - s[one]['above']:+.1f} MiB).",
+        f"- Cached: {c[one]['units']:.2f} forward passes at {one}x against "
+        f"{s[one]['units']:.2f} streaming; per sample, {big}x cost "
+        f"{c[big]['per_sample']:.2f} times {one}x. The cache holds the activations at the "
+        f"cut, so its memory grows with the data: {c[one]['above']:.0f} MiB above the "
+        f"baseline at {one}x, {c[big]['above']:.0f} MiB at {big}x. Past its budget the "
+        "shards that do not fit are recomputed from the input in every pass (the same "
+        "result), which is why the per-sample cost rises there.",
         "",
         "### Inline vs dask workers",
         "",
@@ -179,6 +204,9 @@ def _dask(results: dict, settings: Settings) -> list[str]:
         (d["solve_s"] / d["forward_s"]) / (i["solve_s"] / i["forward_s"])
         for d, i in zip(runs["dask"], runs["inline"], strict=True)
     ]
+    seconds = [
+        d["solve_s"] / i["solve_s"] for d, i in zip(runs["dask"], runs["inline"], strict=True)
+    ]
     rows = []
     for how in ("inline", "dask"):
         rs = runs[how]
@@ -188,6 +216,7 @@ def _dask(results: dict, settings: Settings) -> list[str]:
                 f"{median([r['solve_s'] for r in rs]):.1f}",
                 f"{median([r['solve_s'] / r['forward_s'] for r in rs]):.2f}",
                 "1.00" if how == "inline" else f"{median(ratios):.2f}",
+                "1.00" if how == "inline" else f"{median(seconds):.2f}",
                 f"{median([r['peak_rss_mib'] for r in rs]):.0f}",
             ]
         )
@@ -195,7 +224,8 @@ def _dask(results: dict, settings: Settings) -> list[str]:
         "executor",
         "solve s (median)",
         "solve / forward (median)",
-        "time / inline (median)",
+        "time / inline, in forward passes (median)",
+        "time / inline, in seconds (median)",
         "peak RSS MiB",
     ]
     return [
@@ -207,21 +237,27 @@ def _dask(results: dict, settings: Settings) -> list[str]:
         "",
         table(header, rows),
         "",
-        f"- {settings.workers} dask workers took {median(ratios):.2f}x the inline time "
-        f"(range {min(ratios):.2f}–{max(ratios):.2f}).",
+        f"- {settings.workers} dask workers took {median(ratios):.2f}x the inline time counted "
+        f"in forward passes (range {min(ratios):.2f}–{max(ratios):.2f}) and "
+        f"{median(seconds):.2f}x in seconds (range {min(seconds):.2f}–{max(seconds):.2f}), "
+        f"on {settings.threads} torch thread(s) per process either way: the workers split "
+        "each pass's shards between them, and pay for sending the weights once per pass "
+        "and a task per shard (the cluster's start is not counted in either).",
     ]
 
 
-def _plot(plt, s: dict):
-    ks = sorted(s)
+def _plot(plt, per: dict):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a.plot(ks, [s[k]["units"] for k in ks], "o-", label="measured (median)")
-    a.plot(ks, [s[ks[0]]["units"] * k / ks[0] for k in ks], "k--", lw=0.8, label="linear")
+    for how, s in per.items():
+        ks = sorted(s)
+        line = a.plot(ks, [s[k]["units"] for k in ks], "o-", label=f"{how} (median)")
+        a.plot(ks, [s[ks[0]]["units"] * k / ks[0] for k in ks], "--", lw=0.8,
+               color=line[0].get_color(), label=f"{how}, linear from 1x")  # fmt: skip
+        b.plot(ks, [s[k]["peak"] for k in ks], "o-", label=f"peak RSS, {how}")
     a.set_xlabel("training-set size (copies of the split)")
     a.set_ylabel("solve time / forward over one copy")
     a.set_xticks(ks)
-    a.legend()
-    b.plot(ks, [s[k]["peak"] for k in ks], "o-", label="peak RSS")
+    a.legend(fontsize=8)
     b.plot(ks, [s[k]["peak"] - s[k]["above"] for k in ks], "s--", label="baseline")
     b.set_xlabel("training-set size (copies of the split)")
     b.set_ylabel("MiB")

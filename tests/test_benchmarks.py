@@ -171,14 +171,17 @@ def _dask_in_build() -> bool:
 def test_scaling_table_has_each_size_and_says_what_dask_did(report):
     section = report["4. Scaling"]
     rows = table_with(section, "samples")
-    assert [r["size"] for r in rows] == ["1x", "2x", "4x"]
-    assert [int(r["samples"]) for r in rows] == [LIMIT, 2 * LIMIT, 4 * LIMIT]
+    assert [(r["pass"], r["size"]) for r in rows] == [
+        (how, size) for how in ("streaming", "cached") for size in ("1x", "2x", "4x")
+    ]
+    assert [int(r["samples"]) for r in rows] == [LIMIT, 2 * LIMIT, 4 * LIMIT] * 2
     for r in rows:
         assert number(r["solve s (median)"]) > 0
         assert number(r["peak above baseline MiB"]) >= 0
     dask = section.split("### Inline vs dask workers", 1)[1]
     if _dask_in_build():
-        executors = [r["executor"] for r in table_with(dask, "executor")]
-        assert executors[0] == "inline" and "dask" in executors[1]
+        rows = table_with(dask, "executor")
+        assert rows[0]["executor"] == "inline" and "dask" in rows[1]["executor"]
+        assert number(rows[1]["time / inline, in seconds (median)"]) > 0
     else:
         assert "dask executor not available in this build" in dask
