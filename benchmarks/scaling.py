@@ -178,12 +178,14 @@ def render(results: dict, settings: Settings, out: Path) -> str:
         f"addition to peak memory was {s[one]['above']:.1f} MiB at {one}x and "
         f"{s[big]['above']:.1f} MiB at {big}x ({s[big]['above'] - s[one]['above']:+.1f} MiB).",
         f"- Cached: {c[one]['units']:.2f} forward passes at {one}x against "
-        f"{s[one]['units']:.2f} streaming; per sample, {big}x cost "
-        f"{c[big]['per_sample']:.2f} times {one}x. The cache holds the activations at the "
-        f"cut, so its memory grows with the data: {c[one]['above']:.0f} MiB above the "
-        f"baseline at {one}x, {c[big]['above']:.0f} MiB at {big}x. Past its budget the "
-        "shards that do not fit are recomputed from the input in every pass (the same "
-        "result), which is why the per-sample cost rises there.",
+        f"{s[one]['units']:.2f} streaming. The cache holds the activations at the cut, so "
+        f"its memory grows with the data: {c[one]['above']:.0f} MiB above the baseline at "
+        f"{one}x, {c[big]['above']:.0f} MiB at {big}x, bounded by its budget (half the "
+        "free memory; shards past it are recomputed from the input in every pass, with the "
+        "same result). Its per-sample cost also grows: "
+        + ", ".join(f"{c[k]['per_sample']:.2f}x at {k}x" for k in sorted(c) if k != one)
+        + f" relative to {one}x. For a training set that does not fit the budget, the "
+        "streaming pass is the one with linear time and flat memory.",
         "",
         "### Inline vs dask workers",
         "",
