@@ -277,6 +277,21 @@ def child_env(threads: int) -> dict[str, str]:
     }
 
 
+def probe_spec(settings: Settings, **kw) -> dict:
+    """A probe spec: the MNIST training split at the run's size, batch, threads and scratch
+    folder, with the reference forward pass; ``kw`` adds or overrides keys."""
+    return {
+        "dataset": "mnist",
+        "data_root": str(settings.data_root),
+        "limit": settings.limit,
+        "batch_size": settings.batch_size,
+        "threads": settings.threads,
+        "work": str(settings.work),
+        "forward": True,
+        **kw,
+    }
+
+
 def run_probe(spec: dict, threads: int) -> dict:
     """Run ``probe.py`` on ``spec`` in a fresh process; return the JSON it prints last."""
     proc = subprocess.run(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import Settings, figure, log, median, run_probe, table
+from .common import Settings, figure, log, median, probe_spec, run_probe, table
 from .probe import METHODS
 
 LABELS = {
@@ -41,15 +41,7 @@ def _rotating(methods: tuple[str, ...], repeats: int, what: str, spec: dict, thr
 
 
 def measure(settings: Settings) -> dict:
-    spec = {
-        "dataset": "mnist",
-        "data_root": str(settings.data_root),
-        "limit": settings.limit,
-        "batch_size": settings.batch_size,
-        "threads": settings.threads,
-        "work": str(settings.work),
-        "forward": True,
-    }
+    spec = probe_spec(settings)
     runs = _rotating(METHODS, settings.repeats, "mnist mj", spec, settings.threads)
     deep = {**spec, **RESNET, "limit": settings.resnet_limit}
     resnet = _rotating(RESNET_METHODS, settings.repeats, "resnet18", deep, settings.threads)
@@ -78,6 +70,22 @@ def summary(runs_by_method: dict[str, list[dict]]) -> dict[str, dict]:
     return out
 
 
+def _table(s: dict[str, dict], column: str) -> str:
+    """The per-method table; ``column`` is ``"peak RSS MiB"`` or ``"passes"``."""
+    header = ["method", "what", "solve / forward (median)", "range", "runs",
+              "solve s (median)", column, "peak above baseline MiB"]  # fmt: skip
+    rows = []
+    for m, v in s.items():
+        if column == "passes":
+            extra = "" if v["passes"] is None else v["passes"]
+        else:
+            extra = f"{v['peak']:.0f}"
+        rows.append([f"`{m}`", LABELS[m], f"{v['ratio']:.3g}",
+                     f"{v['ratio_min']:.3g}–{v['ratio_max']:.3g}", v["runs"],
+                     f"{v['solve_s']:.2f}", extra, f"{v['above']:.1f}"])  # fmt: skip
+    return table(header, rows, right=2)
+
+
 def memory_note(reset: bool) -> str:
     """How peak memory was measured, for the section text."""
     how = (
@@ -99,29 +107,6 @@ def memory_note(reset: bool) -> str:
 def render(results: dict, settings: Settings, out: Path) -> str:
     s = summary(results["runs"])
     memory = memory_note(all(v["reset"] for v in s.values()))
-    rows = [
-        [
-            f"`{m}`",
-            LABELS[m],
-            f"{v['ratio']:.3g}",
-            f"{v['ratio_min']:.3g}–{v['ratio_max']:.3g}",
-            v["runs"],
-            f"{v['solve_s']:.2f}",
-            f"{v['peak']:.0f}",
-            f"{v['above']:.1f}",
-        ]
-        for m, v in s.items()
-    ]
-    header = [
-        "method",
-        "what",
-        "solve / forward (median)",
-        "range",
-        "runs",
-        "solve s (median)",
-        "peak RSS MiB",
-        "peak above baseline MiB",
-    ]
     ours, nocache, naive = s["ours-tensor"], s["ours-nocache"], s["naive-full"]
     pypi, seed = s["pypi-lsuv-256"], s["seed-lsuv-256"]
     noise = s["forward"]
@@ -137,7 +122,7 @@ def render(results: dict, settings: Settings, out: Path) -> str:
             "pass over the same split; **solve / forward** is their ratio in that process, "
             f"median over {ours['runs']} run(s), range = min–max. {memory}",
             "",
-            table(header, rows, right=2),
+            _table(s, "peak RSS MiB"),
             "",
             plot,
             "",
@@ -183,29 +168,6 @@ def _same(a: dict, b: dict) -> str:
 def _resnet(results: dict, settings: Settings, memory: str) -> list[str]:
     s = summary(results["runs"])
     cached, nocache = s["ours-tensor"], s["ours-nocache"]
-    rows = [
-        [
-            f"`{m}`",
-            LABELS[m],
-            f"{v['ratio']:.3g}",
-            f"{v['ratio_min']:.3g}–{v['ratio_max']:.3g}",
-            v["runs"],
-            f"{v['solve_s']:.2f}",
-            "" if v["passes"] is None else v["passes"],
-            f"{v['above']:.1f}",
-        ]
-        for m, v in s.items()
-    ]
-    header = [
-        "method",
-        "what",
-        "solve / forward (median)",
-        "range",
-        "runs",
-        "solve s (median)",
-        "passes",
-        "peak above baseline MiB",
-    ]
     return [
         "### A deep network: resnet18, cache on and off",
         "",
@@ -215,7 +177,7 @@ def _resnet(results: dict, settings: Settings, memory: str) -> list[str]:
         "against one plain forward pass over the same images in that process, medians over "
         f"{cached['runs']} run(s).",
         "",
-        table(header, rows, right=2),
+        _table(s, "passes"),
         "",
         f"- With the cache the solve of its {cached['passes']} layers costs "
         f"{cached['ratio']:.3g} forward passes; without it {nocache['ratio']:.3g} "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from .common import Settings, figure, log, median, run_probe, table
+from .common import Settings, figure, log, median, probe_spec, run_probe, table
 
 
 def dask_support() -> str | None:
@@ -51,17 +51,7 @@ def dask_kwargs(workers: int) -> dict:
 
 
 def _spec(settings: Settings, **kw) -> dict:
-    return {
-        "method": "ours-tensor",
-        "dataset": "mnist",
-        "data_root": str(settings.data_root),
-        "limit": settings.limit,
-        "batch_size": settings.batch_size,
-        "threads": settings.threads,
-        "work": str(settings.work),
-        "forward": True,
-        **kw,
-    }
+    return probe_spec(settings, **{"method": "ours-tensor", **kw})
 
 
 #: How a pass runs -> the probe method.
