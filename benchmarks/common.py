@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -147,32 +147,6 @@ class Repeated(Source):
             parts.append(self.inner.batch(start - offset, end - offset))
             start = end
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-@contextlib.contextmanager
-def serving(src: Source) -> Iterator[None]:
-    """Make :func:`lsuv_pipeline.compute` read ``src`` instead of opening its dataset by name.
-
-    ``compute`` takes no Source argument: it opens the data itself through the name
-    ``lsuv_pipeline.run.open_source``. Rebinding that name for the duration hands it a
-    repeated split (scaling) or the copy already in memory (so a probe does not hold the
-    dataset twice, which would count against the pipeline's peak memory). With
-    ``verify=False`` only the solve split is opened.
-    """
-    import lsuv_pipeline.run as run_module
-
-    saved = run_module.open_source
-
-    def open_served(spec: DatasetSpec) -> Source:
-        if (spec.name, spec.split) != (src.name, src.split):
-            raise RuntimeError(f"benchmark serves {src.name}/{src.split}, asked {spec}")
-        return src
-
-    run_module.open_source = open_served
-    try:
-        yield
-    finally:
-        run_module.open_source = saved
 
 
 def one_batch(src: Source, size: int, seed: int) -> torch.Tensor:

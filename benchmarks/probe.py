@@ -17,7 +17,8 @@ For ``ours-*`` it also prints ``digest``, a SHA-256 over every array of the run 
 compared.
 
 Spec keys: method, dataset, model, data_root, limit, repeat, batch_size, threads, work,
-forward, serve (hand the open split to ``compute``; see ``common.serving``), workers (dask).
+forward, serve (hand the open split to ``compute(data=...)`` instead of letting it open the
+dataset by name, as dask workers must), workers (dask).
 """
 
 from __future__ import annotations
@@ -33,14 +34,13 @@ import torch
 from lsuv_pipeline import RunConfig, compute
 from lsuv_pipeline.models import ModelSpec, build_model
 
-from . import baselines, scaling
+from . import baselines
 from .common import (
     Repeated,
     forward_pass,
     one_batch,
     peak_rss_mib,
     reset_peak,
-    serving,
     source,
     store_digest,
 )
@@ -67,22 +67,17 @@ def _solve(spec: dict, model, src, work: Path) -> dict:
             dataset=spec["dataset"], model=spec.get("model", "mj"), verify=False,
             batch_size=bs, seed=0,
         )  # fmt: skip
-        kwargs = scaling.dask_kwargs(spec["workers"]) if spec.get("workers") else {}
-        kwargs["cache"] = method == "ours-tensor"
+        kwargs = {"cache": method == "ours-tensor", "workers": spec.get("workers")}
         started = time.perf_counter()
-        try:
-            if spec.get("serve", True):
-                with serving(src):
-                    result = compute(config, work / "run.zarr", model=model, device="cpu", **kwargs)
-            else:  # the pipeline opens the data itself, as dask workers must
-                config = RunConfig(**{**config.to_dict(), "limit": spec["limit"]})
-                result = compute(
-                    config, work / "run.zarr", model=model, data_root=spec["data_root"],
-                    device="cpu", download=False, **kwargs,
-                )  # fmt: skip
-        finally:
-            if "executor" in kwargs:
-                kwargs["executor"].close()
+        if spec.get("serve", True):  # the split already in memory: not held twice
+            result = compute(config, work / "run.zarr", model=model, data=src, device="cpu",
+                             **kwargs)  # fmt: skip
+        else:  # the pipeline opens the data itself, as dask workers must
+            config = RunConfig(**{**config.to_dict(), "limit": spec["limit"]})
+            result = compute(
+                config, work / "run.zarr", model=model, data_root=spec["data_root"],
+                device="cpu", download=False, **kwargs,
+            )  # fmt: skip
         # result.seconds: the solve (every layer's pass and write), without opening the
         # data, tracing and creating the store, which call_s includes.
         return {

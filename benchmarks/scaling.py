@@ -10,44 +10,14 @@ one copy of the split right after the solve: the solve's time in those units doe
 with the machine's load the way seconds do (a solve of minutes on a shared machine).
 Linear scaling means k copies cost k times the units of one copy.
 
-Dask: measured when this build has a dask executor (see :func:`dask_support`, the one hook
-to adapt), else the section says so.
+Dask: the same solve at 1x with ``compute(..., workers=N)``, inline and dask side by side.
 """
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 from .common import Settings, figure, log, median, probe_spec, run_probe, table
-
-
-def dask_support() -> str | None:
-    """How this build runs a solve on local dask workers, or ``None`` when it cannot.
-
-    ``compute(..., workers=N)`` if :func:`lsuv_pipeline.compute` takes ``workers``, else
-    ``compute(..., executor=DaskExecutor(workers=N))`` if ``lsuv_pipeline.executors`` has a
-    ``DaskExecutor``.
-    """
-    from lsuv_pipeline import executors, run
-
-    if "workers" in inspect.signature(run.compute).parameters:
-        return "compute(..., workers=N)"
-    if hasattr(executors, "DaskExecutor"):
-        return "compute(..., executor=DaskExecutor(workers=N))"
-    return None
-
-
-def dask_kwargs(workers: int) -> dict:
-    """Keyword arguments of ``compute`` that run it on ``workers`` local dask workers."""
-    how = dask_support()
-    if how is None:
-        raise RuntimeError("dask executor not available in this build")
-    if "executor=" not in how:
-        return {"workers": workers}
-    from lsuv_pipeline.executors import DaskExecutor
-
-    return {"executor": DaskExecutor(workers=workers)}
 
 
 def _spec(settings: Settings, **kw) -> dict:
@@ -67,20 +37,17 @@ def measure(settings: Settings) -> dict:
                 log(f"scaling: repeat {r + 1}/{settings.repeats}, {k}x, {how}")
                 spec = _spec(settings, repeat=k, method=method)
                 sizes[how][k].append(run_probe(spec, settings.threads))
-    results = {
+    runs = {"inline": [], "dask": []}
+    for r in range(settings.repeats):
+        for how in ("inline", "dask") if r % 2 == 0 else ("dask", "inline"):
+            log(f"scaling: repeat {r + 1}/{settings.repeats}, {how}")
+            workers = settings.workers if how == "dask" else None
+            spec = _spec(settings, serve=False, workers=workers)
+            runs[how].append(run_probe(spec, settings.threads))
+    return {
         "sizes": {how: {str(k): v for k, v in by.items()} for how, by in sizes.items()},
-        "dask": dask_support(),
+        "dask_runs": runs,
     }
-    if results["dask"] is not None:
-        runs = {"inline": [], "dask": []}
-        for r in range(settings.repeats):
-            for how in ("inline", "dask") if r % 2 == 0 else ("dask", "inline"):
-                log(f"scaling: repeat {r + 1}/{settings.repeats}, {how}")
-                workers = settings.workers if how == "dask" else None
-                spec = _spec(settings, serve=False, workers=workers)
-                runs[how].append(run_probe(spec, settings.threads))
-        results["dask_runs"] = runs
-    return results
 
 
 def summary(by_size: dict) -> dict[int, dict]:
@@ -184,13 +151,6 @@ def render(results: dict, settings: Settings, out: Path) -> str:
 
 
 def _dask(results: dict, settings: Settings) -> list[str]:
-    if results["dask"] is None:
-        return [
-            "**dask executor not available in this build**: `lsuv_pipeline.compute` takes "
-            "no `workers` argument and `lsuv_pipeline.executors` has no `DaskExecutor`, so "
-            "nothing was measured here. Once one exists, this benchmark measures it through "
-            "`benchmarks/scaling.py:dask_support` with no other change."
-        ]
     runs = results["dask_runs"]
     ratios = [
         (d["solve_s"] / d["forward_s"]) / (i["solve_s"] / i["forward_s"])
@@ -221,7 +181,7 @@ def _dask(results: dict, settings: Settings) -> list[str]:
         "peak RSS MiB",
     ]
     return [
-        f"1x, via `{results['dask']}`, {len(ratios)} repeat(s), inline and dask side by "
+        f"1x, via `compute(..., workers=N)`, {len(ratios)} repeat(s), inline and dask side by "
         "side in each; both open the data themselves. Time in forward passes as above "
         f"(the forward runs inline in the coordinating process, {settings.threads} "
         "thread(s)); *time / inline* compares the two within each repeat. Peak RSS is the "
@@ -240,8 +200,8 @@ def _dask(results: dict, settings: Settings) -> list[str]:
 
 def _plot(plt, per: dict):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ks = sorted(per["streaming"])
     for how, s in per.items():
-        ks = sorted(s)
         line = a.plot(ks, [s[k]["units"] for k in ks], "o-", label=f"{how} (median)")
         a.plot(ks, [s[ks[0]]["units"] * k / ks[0] for k in ks], "--", lw=0.8,
                color=line[0].get_color(), label=f"{how}, linear from 1x")  # fmt: skip
@@ -250,7 +210,8 @@ def _plot(plt, per: dict):
     a.set_ylabel("solve time / forward over one copy")
     a.set_xticks(ks)
     a.legend(fontsize=8)
-    b.plot(ks, [s[k]["peak"] - s[k]["above"] for k in ks], "s--", label="baseline")
+    base = per["streaming"]
+    b.plot(ks, [base[k]["peak"] - base[k]["above"] for k in ks], "s--", label="baseline")
     b.set_xlabel("training-set size (copies of the split)")
     b.set_ylabel("MiB")
     b.set_xticks(ks)

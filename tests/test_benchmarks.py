@@ -8,7 +8,6 @@ layer at std 1 on the split it was solved on.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import re
@@ -160,14 +159,6 @@ def test_training_table_has_every_init_on_both_datasets(report):
                 number(r[k])
 
 
-def _dask_in_build() -> bool:
-    from lsuv_pipeline import executors, run
-
-    return "workers" in inspect.signature(run.compute).parameters or hasattr(
-        executors, "DaskExecutor"
-    )
-
-
 def test_scaling_table_has_each_size_and_says_what_dask_did(report):
     section = report["4. Scaling"]
     rows = table_with(section, "samples")
@@ -179,9 +170,6 @@ def test_scaling_table_has_each_size_and_says_what_dask_did(report):
         assert number(r["solve s (median)"]) > 0
         assert number(r["peak above baseline MiB"]) >= 0
     dask = section.split("### Inline vs dask workers", 1)[1]
-    if _dask_in_build():
-        rows = table_with(dask, "executor")
-        assert rows[0]["executor"] == "inline" and "dask" in rows[1]["executor"]
-        assert number(rows[1]["time / inline, in seconds (median)"]) > 0
-    else:
-        assert "dask executor not available in this build" in dask
+    rows = table_with(dask, "executor")
+    assert rows[0]["executor"] == "inline" and "dask" in rows[1]["executor"]
+    assert number(rows[1]["time / inline, in seconds (median)"]) > 0
