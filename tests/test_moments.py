@@ -31,8 +31,9 @@ def test_from_batch_equals_numpy_two_pass(dtype):
 
 
 def test_float32_offset_and_memory_layout_keep_the_variance():
-    # the CPU reduction is two-pass (centred): an offset of 1000 std in float32 costs only
-    # rounding, and a channels-last or transposed layout reduces to the same numbers
+    # the CPU reduction is centred (shifted rows, or two passes for other layouts): an offset
+    # of 1000 std in float32 costs only rounding, and a channels-last or transposed layout
+    # reduces to the same numbers
     x = torch.randn(32, 6, 9, 9) + 1000
     m = mom.from_batch(x)
     mean, var = two_pass(x.numpy())
@@ -52,12 +53,26 @@ def test_data_offset_by_1e8_keeps_the_variance():
     assert close(m.var, var, 1e-7)  # E[x^2] - E[x]^2 would give garbage (or negatives) here
 
 
+def test_conv_rows_in_float32_are_accurate_to_a_few_ulps():
+    # a conv-shaped batch takes the row path: per-row float32 sums of shifted values,
+    # combined in float64; against a float64 reference over the same float32 values
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 8, 19, 19, generator=g) * 3 + 30
+    x[:, 2] = x[:, 2].relu()  # a post-ReLU-like channel: many exact zeros
+    m = mom.from_batch(x)
+    mean, var = two_pass(x.numpy())
+    assert np.abs(m.mean.numpy() - mean).max() <= 1e-6 * np.sqrt(var).max()
+    assert close(m.var, var, 5e-7)
+
+
 def test_constant_channels_have_zero_variance():
     x = torch.randn(16, 3, 4, 4)
     x[:, 1] = 7.25
-    m = mom.merge_all(mom.from_batch(p) for p in torch.split(x, 3))
-    assert m.var[1].item() == 0.0
-    assert m.mean[1].item() == 7.25
+    for layout in (x, x.to(memory_format=torch.channels_last)):  # rows, and two passes
+        m = mom.merge_all(mom.from_batch(p) for p in torch.split(layout, 3))
+        assert m.var[1].item() == 0.0
+        assert m.mean[1].item() == 7.25
+        assert (m.var[[0, 2]] > 0).all()
 
 
 def test_linear_outputs_use_the_last_dim_as_channels():
