@@ -4,7 +4,16 @@ from torch import nn
 
 from lsuv_pipeline import moments as mom
 from lsuv_pipeline.errors import LayerError
-from lsuv_pipeline.solve import Refinement, orthogonal_, rescale_, residual, solve
+from lsuv_pipeline.solve import (
+    Refinement,
+    Solution,
+    orthogonal_,
+    output_map,
+    rescale_,
+    residual,
+    solve,
+    transform_output,
+)
 
 
 def layers(dtype):
@@ -53,6 +62,44 @@ def test_channel_mode_scales_each_output_channel_of_a_grouped_transposed_conv():
     rescale_(layer, solve(m, mode="channel", target_std=1.0, has_bias=True))
     after = measured(layer, x)
     assert torch.allclose(after.std, torch.ones(6, dtype=torch.float64), atol=1e-10)
+
+
+#: Output shapes and channel dims: conv2d, conv3d, conv1d, linear, linear over a sequence.
+SHAPES = [
+    ((16, 6, 9, 9), 1),
+    ((4, 6, 3, 5, 5), 1),
+    ((16, 6, 20), 1),
+    ((40, 6), -1),
+    ((5, 7, 6), -1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["tensor", "channel"])
+@pytest.mark.parametrize("shape,dim", SHAPES)
+def test_output_map_is_one_rounding_of_y_times_factor_plus_offset(dtype, mode, shape, dim):
+    # conv outputs on the CPU take batch norm's kernel, the rest addcmul: either way each
+    # value is y * factor + offset rounded once (a fused multiply-add), not twice
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(shape, generator=g, dtype=dtype) * 3 + 1
+    c = shape[dim]
+    size = () if mode == "tensor" else (c,)
+    sol = Solution(
+        scale=torch.rand(size, generator=g, dtype=torch.float64) + 0.3,
+        shift=torch.randn(size, generator=g, dtype=torch.float64),
+    )
+    out_map = output_map(sol, torch.device("cpu"), dtype)
+    view = [1] * y.ndim
+    view[dim] = -1
+    f = out_map.factor.view(view) if mode == "channel" else out_map.factor
+    o = out_map.offset.view(view) if mode == "channel" else out_map.offset
+    out = transform_output(y, out_map, dim)
+    assert out.dtype == dtype and out.shape == y.shape
+    if dtype == torch.float32:  # float64 holds the float32 product exactly
+        fused = (y.double() * f.double() + o.double()).float()
+        assert torch.equal(out, fused)
+    else:
+        assert torch.allclose(out, y * f + o, rtol=1e-15, atol=1e-15)
 
 
 def test_dead_channel_is_an_error_naming_the_layer_and_channel():
