@@ -69,19 +69,18 @@ elif point == "torn":
     orig_put = store.Partial.put
 
     def torn(self, index, moments):
-        done = self._group["done"]
+        done = self._done
 
         class Flag:  # write the moments, then die where the done flag would go
             def __setitem__(self, key, value):
                 tick()
                 done[key] = value
 
-        group = self._group
-        self._group = {**{k: group[k] for k, _, _ in self._layers}, "done": Flag()}
+        self._done = Flag()
         try:
             orig_put(self, index, moments)
         finally:
-            self._group = group
+            self._done = done
 
     store.Partial.put = torn
 elif point == "commit":
