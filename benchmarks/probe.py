@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 
 from lsuv_pipeline import RunConfig, compute
+from lsuv_pipeline.executors import PassPlan, measure_shard
+from lsuv_pipeline.layers import trace
 from lsuv_pipeline.models import ModelSpec, build_model
 
 from . import baselines
@@ -48,6 +50,7 @@ from .common import (
 #: Cost-section methods: name -> what the probe runs.
 METHODS = (
     "forward",
+    "forward-moments",
     "ours-tensor",
     "ours-nocache",
     "naive-full",
@@ -61,6 +64,12 @@ def _solve(spec: dict, model, src, work: Path) -> dict:
     if method == "forward":
         started = time.perf_counter()
         forward_pass(model, src, bs)
+        return {"solve_s": time.perf_counter() - started}
+    if method == "forward-moments":  # the pipeline's own measuring pass, every layer at once
+        plan = PassPlan(tuple(trace(model, src.batch(0, 2))), None, bs)
+        batches = (src.batch(i, min(i + bs, src.count)) for i in range(0, src.count, bs))
+        started = time.perf_counter()
+        measure_shard(model, batches, plan, device=torch.device("cpu"))
         return {"solve_s": time.perf_counter() - started}
     if method in ("ours-tensor", "ours-nocache"):
         config = RunConfig(

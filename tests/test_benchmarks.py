@@ -22,6 +22,7 @@ LIMIT = 1024
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "l1"]
 COST_METHODS = [
     "forward",
+    "forward-moments",
     "ours-tensor",
     "ours-nocache",
     "naive-full",
