@@ -61,6 +61,7 @@ def run(settings: Settings, only: tuple[str, ...] = ()) -> Path:
     raw = {"machine": machine(settings), "settings": settings.record(), "seconds": {}}
     if only:
         raw = _previous(settings, only, raw)
+    now = f"{raw['machine']['date (UTC)']}, commit {raw['machine']['commit']}"
     for name, module in SECTIONS.items():
         if only and name not in only:
             continue
@@ -68,6 +69,7 @@ def run(settings: Settings, only: tuple[str, ...] = ()) -> Path:
         log(f"section {name}")
         raw[name] = module.measure(settings)
         raw["seconds"][name] = time.perf_counter() - t
+        raw.setdefault("measured", {})[name] = now
     raw["seconds"]["total"] = sum(raw["seconds"].get(n, 0.0) for n in SECTIONS)
     raw["machine"]["load average at end (1, 5, 15 min)"] = load_average()
     (settings.out / "results.json").write_text(json.dumps(raw, indent=1))
@@ -87,10 +89,12 @@ def _previous(settings: Settings, only: tuple[str, ...], raw: dict) -> dict:
     kept = [n for n in SECTIONS if n not in only]
     raw.update({n: old[n] for n in kept})
     raw["seconds"] = {n: old["seconds"][n] for n in kept}
-    earlier = old["machine"].get("kept from an earlier run") or (
-        f"{old['machine']['date (UTC)']}, commit {old['machine']['commit']}"
+    # when and at which commit each kept section was measured (its own run, however old)
+    default = f"{old['machine']['date (UTC)']}, commit {old['machine']['commit']}"
+    raw["measured"] = {n: old.get("measured", {}).get(n, default) for n in kept}
+    raw["machine"]["kept from an earlier run"] = "; ".join(
+        f"{n}: {raw['measured'][n]}" for n in kept
     )
-    raw["machine"]["kept from an earlier run"] = f"{', '.join(kept)}: {earlier}"
     return raw
 
 

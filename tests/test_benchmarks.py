@@ -41,6 +41,7 @@ INITS = [
     "ours-channel",
 ]
 DATASETS = ["mnist", "fashion-mnist"]
+SECTIONS = ["cost", "quality", "training", "scaling"]
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +175,26 @@ def test_scaling_table_has_each_size_and_says_what_dask_did(report):
     rows = table_with(dask, "executor")
     assert rows[0]["executor"] == "inline" and "dask" in rows[1]["executor"]
     assert number(rows[1]["time / inline, in seconds (median)"]) > 0
+
+
+def test_a_section_measured_again_keeps_the_others_with_when_they_were_measured(
+    results, data_root, tmp_path
+):
+    from benchmarks.common import Settings
+    from benchmarks.run import _previous
+
+    old = json.loads((results / "results.json").read_text())
+    assert set(old["measured"]) == set(SECTIONS)
+    old["measured"]["training"] = "2026-01-01 00:00, commit abc1234"  # as if kept before
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    settings = Settings.make(
+        quick=True, limit=LIMIT, data_root=data_root, out=tmp_path, work=tmp_path
+    )
+    raw = _previous(settings, ("cost",), {"machine": {}, "seconds": {}})
+    kept = [s for s in SECTIONS if s != "cost"]
+    assert list(raw["measured"]) == kept
+    assert raw["measured"]["training"] == "2026-01-01 00:00, commit abc1234"
+    assert raw["machine"]["kept from an earlier run"] == "; ".join(
+        f"{s}: {raw['measured'][s]}" for s in kept
+    )
+    assert "cost" not in raw and all(s in raw for s in kept)
