@@ -134,7 +134,7 @@ def _row_moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = rows.shape[2]
     first = rows[:, :, :1]
     shifted = rows - first
-    s = shifted.sum(dim=2, dtype=None).to(torch.float64)  # (samples, C)
+    s = shifted.sum(dim=2).to(torch.float64)  # (samples, C)
     q = torch.linalg.vector_norm(shifted, dim=2).to(torch.float64).square()
     row_mean = s / n
     row_m2 = (q - s * row_mean).clamp_(min=0.0)  # rounding can leave a hair below 0
@@ -147,7 +147,8 @@ def _row_moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _two_pass(
     x: torch.Tensor, channel_dim: int, pooled: tuple[int, ...], count: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean, then the sum of squared deviations from it (the CPU's reduction).
+    """Per-channel mean, then the sum of squared deviations from it (the CPU's reduction
+    for layouts :func:`_rows` cannot view).
 
     The values are first shifted by each channel's first value, so a constant channel gives
     deviations of exactly 0 (and M2 == 0, which the solve reports as a dead channel) however

@@ -311,7 +311,7 @@ class RunStore:
         if "partial" in self._group:
             group = self._group["partial"]
             if {k: group.attrs.get(k) for k in spec} == spec:
-                return Partial(self, group, layers)
+                return Partial(group, layers)
         group = self._group.create_group("partial", overwrite=True)
         for key, calls, channels in layers:
             sub = group.create_group(key)
@@ -323,7 +323,7 @@ class RunStore:
                 sub.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=dtype)
         group.create_array("done", shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0)
         group.attrs.update(spec)  # last: a partial group with these attrs is usable
-        return Partial(self, group, layers)
+        return Partial(group, layers)
 
     def write_pass(self, key: str, index: int, calls: tuple[mom.Moments, ...]) -> None:
         """Record the merged per-call moments of pass ``index`` of an iterated layer."""
@@ -372,9 +372,7 @@ class RunStore:
 class Partial:
     """The per-shard moments of the pass in progress, one Zarr chunk per shard."""
 
-    def __init__(self, store: RunStore, group, layers: list[tuple[str, int, int]]) -> None:
-        self._store = store
-        self._group = group
+    def __init__(self, group, layers: list[tuple[str, int, int]]) -> None:
         self._layers = layers
         # opened once: looking an array up in its group reads its metadata from disk, which
         # cost more than the writes themselves (about 1 ms each, 10 per shard)
