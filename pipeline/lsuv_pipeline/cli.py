@@ -173,6 +173,13 @@ def cli() -> None:
 )
 @click.option("--allow-tf32", is_flag=True, help="Let CUDA use TF32 (faster, less reproducible).")
 @click.option(
+    "--allow-mixed-hardware",
+    is_flag=True,
+    help="Let dask workers of different hardware or library builds share a run, or finish "
+    "a run started elsewhere; recorded in the store, whose bytes then depend on who "
+    "computed which shard.",
+)
+@click.option(
     "--cache/--no-cache",
     default=True,
     show_default=True,
@@ -244,6 +251,7 @@ def compute(**opts) -> None:
         scheduler_file=opts["scheduler_file"],
         scheduler_timeout=opts["scheduler_timeout"],
         allow_tf32=opts["allow_tf32"],
+        allow_mixed_hardware=opts["allow_mixed_hardware"],
         cache=opts["cache"],
         cache_memory=opts["cache_memory"],
         progress=TqdmProgress(bars=not opts["quiet"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "DataError",
+    "ExecutorError",
     "Interrupted",
     "LayerError",
     "LsuvError",
@@ -39,6 +40,10 @@ class LayerError(LsuvError):
 
 class StoreError(LsuvError):
     """A run store that is missing, damaged, locked or of another configuration."""
+
+
+class ExecutorError(LsuvError):
+    """The cluster cannot be reached, was lost during a pass, or mixes hardware."""
 
 
 class Interrupted(LsuvError):

@@ -33,8 +33,9 @@ from torch import nn
 from . import moments as mom
 from .cache import ActivationCache, Segments, default_budget
 from .data import DatasetSpec, Shard, Source, open_source
-from .errors import ConfigError, LsuvError
+from .errors import ConfigError, ExecutorError, LsuvError
 from .layers import LayerInfo, capture, evaluating, solved_outputs
+from .numerics import fingerprint, numerics_differences, numerics_key, reproducible
 from .solve import Solution
 
 __all__ = [
@@ -47,7 +48,6 @@ __all__ = [
     "ShardMoments",
     "measure_shard",
     "open_executor",
-    "reproducible",
 ]
 
 #: Layer name -> per-call moments of one shard.
@@ -72,10 +72,6 @@ class CachePlan:
     budget: int | None = None
 
 
-class ExecutorError(LsuvError):
-    """The cluster cannot be reached, or was lost during a pass."""
-
-
 @dataclass(frozen=True)
 class PassPlan:
     """What one pass measures.
@@ -96,33 +92,6 @@ class PassPlan:
     allow_tf32: bool = False
     solved: tuple[tuple[str, Solution], ...] = ()
     cache: CachePlan | None = None
-
-
-@contextlib.contextmanager
-def reproducible(device: torch.device, *, allow_tf32: bool = False) -> Iterator[None]:
-    """Pin the numerics of a pass: no TF32, deterministic cuDNN; restored on exit."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.backends.cudnn.deterministic,
-        torch.backends.cudnn.benchmark,
-    )
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    torch.backends.cudnn.allow_tf32 = allow_tf32
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        (
-            torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32,
-            torch.backends.cudnn.deterministic,
-            torch.backends.cudnn.benchmark,
-        ) = saved
 
 
 def measure_shard(
@@ -218,6 +187,15 @@ class Executor:
         cluster); it may raise to stop the pass.
         """
         raise NotImplementedError
+
+    def numerics(self, device: torch.device) -> dict:
+        """The numerics fingerprint of where the passes run (see ``numerics.py``)."""
+        return fingerprint(device)
+
+    @property
+    def mixed(self) -> list[dict]:
+        """Fingerprints other than :meth:`numerics`'s that computed shards (allowed mixing)."""
+        return []
 
     def close(self) -> None:
         """Release whatever the executor started."""
@@ -351,6 +329,11 @@ _worker_runners: dict[int, _CachedRunner] = {}
 _worker_cache: ActivationCache | None = None
 
 
+def _worker_fingerprint(device_type: str) -> dict:
+    """This worker's numerics fingerprint, for the device type of the run."""
+    return fingerprint(_worker_device(device_type))
+
+
 def _shard_task(
     boxed: _Boxed,
     model_key: str,
@@ -360,20 +343,22 @@ def _shard_task(
     shard: Shard,
     plan: PassPlan,
     device_type: str,
-) -> tuple[ShardMoments, str | None]:
+) -> tuple[ShardMoments, str, dict]:
     """One (pass, shard) task on a worker: load this pass's weights once, measure the shard.
 
-    Returns the moments and, for a cached pass, this worker's address (it now holds the
-    shard's cut, so the shard's next pass should run here).
+    Returns the moments, this worker's address (for a cached pass it now holds the shard's
+    cut, so the shard's next pass should run here) and its numerics fingerprint.
     """
     global _worker_cache
+    from distributed import get_worker
+
     device = _worker_device(device_type)
+    numerics = fingerprint(device)
     model = _worker_model(boxed, model_key, state, state_key, device)
     if plan.cache is None:
         batches = _worker_batches(origin, shard, plan.batch_size)
-        return measure_shard(model, iter(batches), plan, device=device), None
-    from distributed import get_worker
-
+        moments = measure_shard(model, iter(batches), plan, device=device)
+        return moments, get_worker().address, numerics
     with _worker_lock:
         runner = _worker_runners.setdefault(threading.get_ident(), _CachedRunner())
         if _worker_cache is None:  # one budget for the worker, shared by its threads
@@ -390,20 +375,30 @@ def _shard_task(
         device,
         None,
     )
-    return moments, get_worker().address
+    return moments, get_worker().address, numerics
 
 
 class DaskExecutor(Executor):
     """Runs each pass as one task per shard on a dask.distributed cluster.
 
+    Every task reports its worker's numerics fingerprint. Workers of different hardware or
+    library builds would make the result depend on which worker ran which shard, so the
+    first shard from a worker whose fingerprint differs from the cluster's is an
+    :class:`ExecutorError`, unless ``allow_mixed``: then the run goes on and :attr:`mixed`
+    lists the other fingerprints, for the store to record.
+
     Args:
         client: A connected ``distributed.Client``.
         cluster: A cluster this executor started and must shut down (else ``None``).
+        allow_mixed: Accept workers whose numerics differ.
     """
 
-    def __init__(self, client, cluster=None) -> None:
+    def __init__(self, client, cluster=None, *, allow_mixed: bool = False) -> None:
         self.client = client
         self.cluster = cluster
+        self.allow_mixed = allow_mixed
+        self._numerics: dict | None = None  # the cluster's fingerprint, once known
+        self._mixed: dict[str, dict] = {}  # numerics key -> fingerprint, other than the above
         self.description = f"dask ({len(client.scheduler_info()['workers'])} workers)"
         self._model_key = None
         self._model_future = None
@@ -418,6 +413,48 @@ class DaskExecutor(Executor):
             return self.client.dashboard_link
         except Exception:
             return None
+
+    def numerics(self, device: torch.device) -> dict:
+        """The workers' common fingerprint; workers that differ are refused or recorded."""
+        if self._numerics is None:
+            try:
+                found = self.client.run(_worker_fingerprint, device.type)
+            except LsuvError:
+                raise
+            except Exception as exc:
+                raise ExecutorError(_lost(self.client, exc)) from None
+            groups: dict[str, list[str]] = {}
+            prints = {}
+            for address, fp in sorted(found.items()):
+                key = numerics_key(fp)
+                groups.setdefault(key, []).append(address)
+                prints[key] = fp
+            # the fingerprint most workers share is the cluster's (ties: the first address)
+            main = min(groups, key=lambda k: (-len(groups[k]), groups[k][0]))
+            self._numerics = prints[main]
+            for key, addresses in groups.items():
+                if key != main:
+                    self._admit(prints[key], addresses[0])
+        return self._numerics
+
+    @property
+    def mixed(self) -> list[dict]:
+        return list(self._mixed.values())
+
+    def _admit(self, fp: dict, where: str) -> None:
+        """Check a worker's fingerprint against the cluster's; refuse or record another."""
+        key = numerics_key(fp)
+        if key == numerics_key(self._numerics) or key in self._mixed:
+            return
+        if not self.allow_mixed:
+            raise ExecutorError(
+                f"dask worker {where} computes with other numerics than the rest of the "
+                f"cluster ({'; '.join(numerics_differences(self._numerics, fp))}), so the "
+                "result would depend on which worker ran which shard; use workers of one "
+                "hardware type and library build, or pass --allow-mixed-hardware (recorded "
+                "in the store)"
+            )
+        self._mixed[key] = fp
 
     def _send(self, value, name: str):
         """Put ``value`` on the cluster once, as a task that returns it.
@@ -462,53 +499,61 @@ class DaskExecutor(Executor):
         return self._source_futures[id(source)]
 
     def run_pass(self, model, source, shards, plan, *, device, on_batch=None):
-        from distributed import as_completed
-
         if not shards:
             return
+        futures: dict = {}
+        try:
+            yield from self._run_pass(model, source, shards, plan, device, on_batch, futures)
+        except LsuvError:
+            raise
+        except Exception as exc:
+            # the scheduler or the connection to it went away somewhere in the pass: in a
+            # submit, while waiting, or in a result; however slow, it ends the same way
+            if not isinstance(exc, _cluster_failures()) and self.client.status == "running":
+                raise
+            raise ExecutorError(_lost(self.client, exc)) from None
+        finally:
+            for future in futures:  # stopped early: drop what is still queued
+                with contextlib.suppress(Exception):
+                    future.cancel()
+
+    def _run_pass(self, model, source, shards, plan, device, on_batch, futures):
+        from distributed import as_completed
+
+        self.numerics(device)
         model_future = self._model(model)
         state_future = self._weights(model)
         state_key = state_future.key
         origin = self._origin(source)
-        futures = {}
-        pending = set()
-        try:
-            for shard in shards:
-                owner = self._owner.get(shard.index) if plan.cache is not None else None
-                future = self.client.submit(
-                    _shard_task,
-                    model_future,
-                    model_future.key,
-                    state_future,
-                    state_key,
-                    origin,
-                    shard,
-                    plan,
-                    device.type,
-                    key=f"lsuv-shard-{shard.index}-{uuid.uuid4().hex}",
-                    pure=False,
-                    # the worker holding the shard's cut, if any; a lost worker's shards
-                    # run elsewhere and are recomputed from the input
-                    **({"workers": [owner], "allow_other_workers": True} if owner else {}),
-                )
-                futures[future] = shard
-                pending.add(future)
-            for future in as_completed(list(futures)):
-                shard = futures[future]
-                pending.discard(future)
-                try:
-                    moments, where = future.result()
-                except _cluster_failures() as exc:
-                    raise ExecutorError(_lost(self.client, exc)) from None
-                if where is not None:
-                    self._owner[shard.index] = where
-                future.release()
-                if on_batch is not None:
-                    on_batch(len(shard))
-                yield shard, moments
-        finally:
-            for future in pending:  # stopped early: drop what is still queued
-                future.cancel()
+        for shard in shards:
+            owner = self._owner.get(shard.index) if plan.cache is not None else None
+            future = self.client.submit(
+                _shard_task,
+                model_future,
+                model_future.key,
+                state_future,
+                state_key,
+                origin,
+                shard,
+                plan,
+                device.type,
+                key=f"lsuv-shard-{shard.index}-{uuid.uuid4().hex}",
+                pure=False,
+                # the worker holding the shard's cut, if any; a lost worker's shards
+                # run elsewhere and are recomputed from the input
+                **({"workers": [owner], "allow_other_workers": True} if owner else {}),
+            )
+            futures[future] = shard
+        for future in as_completed(list(futures)):
+            shard = futures.pop(future)
+            moments, where, numerics = future.result()
+            self._admit(numerics, where)
+            if plan.cache is not None:
+                self._owner[shard.index] = where
+            future.release()
+            if on_batch is not None:
+                on_batch(len(shard))
+            yield shard, moments
 
     def close(self) -> None:
         if self.cluster is not None:
@@ -600,6 +645,7 @@ def open_executor(
     scheduler_file: str | None = None,
     device_type: str = "cpu",
     timeout: float = 20.0,
+    allow_mixed: bool = False,
 ) -> Iterator[Executor]:
     """Yield the executor the options ask for; shut down only what it started.
 
@@ -609,6 +655,7 @@ def open_executor(
         scheduler_file: A scheduler file written by ``dask scheduler --scheduler-file``.
         device_type: ``"cpu"`` or ``"cuda"``: the device each worker computes on.
         timeout: Seconds to wait for an existing scheduler.
+        allow_mixed: Accept dask workers whose numerics fingerprints differ.
 
     Raises:
         ConfigError: More than one of the three options.
@@ -622,6 +669,7 @@ def open_executor(
         return
     with quiet_dask_logs():
         executor = _connect(workers, scheduler, scheduler_file, device_type, timeout)
+        executor.allow_mixed = allow_mixed
         try:
             yield executor
         finally:

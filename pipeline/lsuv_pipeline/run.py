@@ -50,6 +50,7 @@ from .executors import (
 from .layers import LayerInfo, select, trace
 from .lock import LOCK_NAME, writer_lock
 from .models import ModelSpec, build_model
+from .numerics import numerics_differences, numerics_key
 from .progress import Progress, as_progress
 from .report import LayerStats, format_table
 from .solve import Refinement, Residual, Solution, orthogonal_, rescale_, residual, solve
@@ -483,6 +484,7 @@ def compute(
     cache_memory: int | str | None = None,
     progress: Progress | bool = False,
     overwrite: bool = False,
+    allow_mixed_hardware: bool = False,
 ) -> RunResult:
     """Compute the full-dataset LSUV init of a model and write it to a run store.
 
@@ -517,6 +519,10 @@ def compute(
             ``"4GB"``; default half the memory free on the device.
         progress: ``True`` for progress bars on stderr, or a :class:`Progress`.
         overwrite: Replace an existing store of another config or dataset.
+        allow_mixed_hardware: Let passes run where the numerics fingerprint differs from
+            the run's (dask workers of other hardware, or resuming a run started
+            elsewhere); the store records every fingerprint that computed, and its bytes
+            then depend on who computed what.
 
     Returns:
         A :class:`RunResult` with the initialized model and its per-layer statistics.
@@ -552,6 +558,7 @@ def compute(
             scheduler_file=scheduler_file,
             device_type=dev.type,
             timeout=scheduler_timeout,
+            allow_mixed=allow_mixed_hardware,
         )
     )
     with writer_lock(out) as stale, _stop_on_sigint() as stop, executors as ex:
@@ -574,7 +581,9 @@ def compute(
                 store = None
             elif store.attrs.get("status") == "complete":
                 return _up_to_date(store, model, config, dev)
-        execution = _Execution(dev, ex, progress, stop, allow_tf32, cache, budget)
+        execution = _Execution(
+            dev, ex, progress, stop, allow_tf32, cache, budget, allow_mixed_hardware
+        )
         return _solve(config, out, model, store, train, holdout, identity, execution)
 
 
@@ -606,6 +615,7 @@ class _Execution:
     allow_tf32: bool
     cache: bool
     cache_budget: int | None
+    allow_mixed: bool = False
 
 
 def _solve(config, out, model, store, train, holdout, identity, ex: _Execution):
@@ -615,6 +625,7 @@ def _solve(config, out, model, store, train, holdout, identity, ex: _Execution):
     layers = select(traced, config.include, config.exclude)
     progress.note(_listing(layers, traced))
     resumed = store is not None
+    numerics = ex.executor.numerics(dev)
     if store is None:
         if config.orthogonal:
             generator = torch.Generator(device=dev).manual_seed(config.seed)
@@ -630,7 +641,7 @@ def _solve(config, out, model, store, train, holdout, identity, ex: _Execution):
                 "status": "running",
                 "device": dev.type,
                 "allow_tf32": ex.allow_tf32,
-                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "numerics": {**numerics, "key": numerics_key(numerics)},
                 "versions": versions(),
             },
         )
@@ -647,6 +658,7 @@ def _solve(config, out, model, store, train, holdout, identity, ex: _Execution):
         initial = store.read_state("initial")
         _check_against(model, initial, repr(str(out)), strict=True)
         model.load_state_dict(initial)
+        _resume_numerics(store, numerics, ex.allow_mixed)
         progress.note(f"resuming {out}")
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -674,8 +686,44 @@ def _solve(config, out, model, store, train, holdout, identity, ex: _Execution):
             f"interrupted during {solver.current!r} with {done} of {len(layers)} layers "
             f"solved; finished shards are kept in {str(out)!r}: rerun the same command to resume"
         ) from None
+    _record_mixed(store, ex.executor.mixed, progress)
     store.finish()
     return RunResult(out, model, config, stats, solver.passes, seconds, resumed=resumed)
+
+
+def _resume_numerics(store: RunStore, numerics: dict, allow_mixed: bool) -> None:
+    """Refuse to finish a run here if it was started with other numerics, unless allowed."""
+    stored = store.attrs.get("numerics") or {}
+    if stored.get("key") == numerics_key(numerics):
+        return
+    if not allow_mixed:
+        differ = "; ".join(numerics_differences(stored, numerics)) or (
+            "its recorded key differs" if stored else "none recorded"
+        )
+        raise StoreError(
+            f"{str(store.path)!r} was started with other numerics than this machine has "
+            f"({differ}); finishing it here would mix them: rerun where it started, pass "
+            "--overwrite to start again here, or --allow-mixed-hardware to finish it here "
+            "(recorded in the store)"
+        )
+    _record_mixed(store, [numerics], None)
+
+
+def _record_mixed(store: RunStore, others: list[dict], progress: Progress | None) -> None:
+    """Add fingerprints that computed part of the run to its ``numerics`` record."""
+    record = dict(store.attrs.get("numerics") or {})
+    known = {numerics_key(fp) for fp in record.get("mixed", [])} | {record.get("key")}
+    new = [fp for fp in others if numerics_key(fp) not in known]
+    if not new:
+        return
+    record["mixed"] = [*record.get("mixed", []), *new]
+    store.update_attrs({"numerics": record})
+    if progress is not None:
+        progress.note(
+            f"note: {len(new)} other numerics fingerprint(s) computed shards of this run "
+            "(--allow-mixed-hardware); recorded in the store, whose bytes now depend on "
+            "which worker ran which shard"
+        )
 
 
 def _verify(solver, layers, stats, initial, final, holdout) -> list[LayerStats]:

@@ -143,6 +143,10 @@ class RunStore:
         """The root attributes (a copy)."""
         return dict(self._group.attrs)
 
+    def update_attrs(self, attrs: Mapping) -> None:
+        """Update root attributes."""
+        self._group.attrs.update(dict(attrs))
+
     # -- arrays ------------------------------------------------------------------
 
     def _put(self, group, name: str, value: torch.Tensor) -> None:
