@@ -9,6 +9,10 @@ POINT is where to kill, N which occurrence:
     commit    right after the N-th layer is committed
     final     after the N-th array of the final weights is written
     status    just before the run is marked complete
+    pass      when the N-th pass starts (its shard record opened, nothing submitted yet)
+
+With ``$CRASH_DRIVER_KILL_PID`` set, that process is killed instead (a dask scheduler, say)
+and the run goes on, to show what it makes of the loss.
 
 Also registers the test model ``twice`` (a conv applied twice in a row).
 """
@@ -44,11 +48,14 @@ nth = int(nth or 1)
 seen = 0
 
 
+victim = int(os.environ.get("CRASH_DRIVER_KILL_PID") or os.getpid())
+
+
 def tick():
     global seen
     seen += 1
-    if seen >= nth:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if seen == nth or (seen > nth and victim == os.getpid()):
+        os.kill(victim, signal.SIGKILL)
 
 
 def after(cls, name, when=lambda *a, **k: True):
@@ -95,6 +102,8 @@ elif point == "status":
         orig_finish(self)
 
     store.RunStore.finish = finish
+elif point == "pass":
+    after(store.RunStore, "partial")
 elif point != "none":
     raise SystemExit(f"unknown point {point!r}")
 

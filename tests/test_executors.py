@@ -4,7 +4,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,8 @@ from lsuv_pipeline.cli import cli
 from lsuv_pipeline.executors import DaskExecutor
 from lsuv_pipeline.progress import Progress
 from tests.stores import assert_same_bytes
+
+DRIVER = Path(__file__).with_name("crash_driver.py")
 
 SMALL = ["--limit", "3000", "--shard-size", "500", "--batch-size", "250", "-q", "--device", "cpu"]
 CONFIG = RunConfig(limit=3000, shard_size=500, batch_size=250)
@@ -134,56 +136,87 @@ def test_bad_scheduler_is_a_one_line_error(tmp_path, data_root, args, message):
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], proc.stderr
 
 
-def start_cluster(port, log_dir):
-    """A dask scheduler and two workers as separate processes, logging to files."""
-    with open(log_dir / "scheduler.log", "ab") as slog, open(log_dir / "worker.log", "ab") as wlog:
-        sched = subprocess.Popen(
-            ["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+class Cluster:
+    """A dask scheduler and two workers as separate processes, on ports the OS chose.
+
+    The scheduler's address is read from its log as it starts (a blocking read, no
+    polling); the rest of its log is drained by a thread into ``log``.
+    """
+
+    def __init__(self, log_dir: Path):
+        bin_dir = Path(sys.executable).parent
+        self.scheduler = subprocess.Popen(
+            [str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
              "--dashboard-address", "127.0.0.1:0"],
-            stdout=slog, stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         )  # fmt: skip
-        worker = subprocess.Popen(
-            ["dask", "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1", "--nworkers", "2",
-             "--host", "127.0.0.1", "--no-dashboard"],
-            stdout=wlog, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    return sched, worker
+        self.log: list[str] = []
+        self.address = None
+        for line in self.scheduler.stderr:
+            self.log.append(line)
+            if "Scheduler at:" in line:
+                self.address = line.split("Scheduler at:")[1].strip()
+                break
+        assert self.address, "".join(self.log)
+        self._drain = threading.Thread(target=self.log.extend, args=(self.scheduler.stderr,))
+        self._drain.start()
+        with open(log_dir / "worker.log", "ab") as wlog:
+            self.workers = subprocess.Popen(
+                [str(bin_dir / "dask"), "worker", self.address, "--nthreads", "1",
+                 "--nworkers", "2", "--host", "127.0.0.1", "--no-dashboard"],
+                stdout=wlog, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def stop(self):
+        for p in (self.scheduler, self.workers):
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=60)
+        self._drain.join(timeout=60)
+        self.scheduler.stderr.close()
 
 
-def stop(*procs):
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait(timeout=30)
+#: Notes a run on a cluster prints on stderr besides its one error line (with -q).
+NOTES = ("dask (", "solving ", "resuming ")
 
 
-def test_a_lost_scheduler_is_a_clear_error_and_the_run_resumes(tmp_path, data_root, inline):
-    bin_dir = Path(sys.executable).parent
-    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
-    out, port = tmp_path / "run.zarr", 8781
-    command = [str(bin_dir / "lsuv-pipeline"), "compute", "--data-root", str(data_root),
-               "--out", str(out), *SMALL, "--scheduler", f"tcp://127.0.0.1:{port}",
-               "--scheduler-timeout", "60"]  # fmt: skip
-    sched, worker = start_cluster(port, tmp_path)
+def lost_scheduler_run(tmp_path, data_root, out, point):
+    """Run compute on a fresh cluster whose scheduler the run itself kills at ``point``."""
+    cluster = Cluster(tmp_path)
     try:
-        run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 240
-        while time.time() < deadline and not (out / "layers" / "conv2").exists():
-            time.sleep(0.1)
-        sched.kill()  # mid-run, with shards of the third pass in flight
-        _, stderr = run.communicate(timeout=240)
+        proc = subprocess.run(
+            [sys.executable, str(DRIVER), point, "compute", "--data-root", str(data_root),
+             "--out", str(out), *SMALL, "--scheduler", cluster.address,
+             "--scheduler-timeout", "120"],
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, "CRASH_DRIVER_KILL_PID": str(cluster.scheduler.pid)},
+        )  # fmt: skip
     finally:
-        stop(sched, worker)
-    assert run.returncode == 1, stderr
-    assert "lost the dask scheduler" in stderr and "rerun the same command to resume" in stderr
-    assert "Traceback" not in stderr
+        cluster.stop()
+    return proc
+
+
+@pytest.mark.parametrize(
+    "point",
+    ["pass:1", "shard:2", "commit:2", "shard:33"],
+    ids=["before-the-first-submit", "mid-pass", "between-layers", "during-verification"],
+)
+def test_a_lost_scheduler_is_one_error_line_wherever_it_is_lost(tmp_path, data_root, point):
+    out = tmp_path / "run.zarr"
+    proc = lost_scheduler_run(tmp_path, data_root, out, point)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert lines[-1].startswith("Error: ") and "lost the dask scheduler" in lines[-1], lines
+    assert "rerun the same command to resume" in lines[-1]
+    assert all(line.startswith(NOTES) for line in lines[:-1]), lines
     assert zarr.open_group(str(out), mode="r").attrs["status"] == "running"
 
-    sched, worker = start_cluster(port, tmp_path)
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    finally:
-        stop(sched, worker)
+
+def test_a_run_cut_by_a_lost_scheduler_resumes_to_the_same_bytes(tmp_path, data_root, inline):
+    out = tmp_path / "run.zarr"
+    assert lost_scheduler_run(tmp_path, data_root, out, "shard:14").returncode == 1
+    proc = lost_scheduler_run(tmp_path, data_root, out, "none")
     assert proc.returncode == 0, proc.stderr
     assert "(resumed)" in proc.stdout
     assert_same_bytes(out, inline)

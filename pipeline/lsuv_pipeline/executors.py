@@ -21,6 +21,7 @@ import contextlib
 import copy
 import os
 import threading
+import time
 import uuid
 import warnings
 from collections import OrderedDict
@@ -378,6 +379,10 @@ def _shard_task(
     return moments, get_worker().address, numerics
 
 
+#: Seconds between checks that the scheduler is still there while a pass waits on it.
+HEALTH_CHECK_S = 2.0
+
+
 class DaskExecutor(Executor):
     """Runs each pass as one task per shard on a dask.distributed cluster.
 
@@ -518,7 +523,7 @@ class DaskExecutor(Executor):
                     future.cancel()
 
     def _run_pass(self, model, source, shards, plan, device, on_batch, futures):
-        from distributed import as_completed
+        from distributed import wait
 
         self.numerics(device)
         model_future = self._model(model)
@@ -544,16 +549,31 @@ class DaskExecutor(Executor):
                 **({"workers": [owner], "allow_other_workers": True} if owner else {}),
             )
             futures[future] = shard
-        for future in as_completed(list(futures)):
-            shard = futures.pop(future)
-            moments, where, numerics = future.result()
-            self._admit(numerics, where)
-            if plan.cache is not None:
-                self._owner[shard.index] = where
-            future.release()
-            if on_batch is not None:
-                on_batch(len(shard))
-            yield shard, moments
+        pending = set(futures)
+        while pending:
+            try:
+                done, _ = wait(list(pending), timeout=HEALTH_CHECK_S, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                self._check_scheduler()
+                continue
+            for future in sorted(done, key=lambda f: futures[f].index):
+                pending.discard(future)
+                shard = futures.pop(future)
+                moments, where, numerics = future.result()
+                self._admit(numerics, where)
+                if plan.cache is not None:
+                    self._owner[shard.index] = where
+                future.release()
+                if on_batch is not None:
+                    on_batch(len(shard))
+                yield shard, moments
+
+    def _check_scheduler(self) -> None:
+        """Fail at once when the scheduler is gone, instead of waiting out the client's
+        reconnection (its whole --scheduler-timeout): the client lost its connection and
+        the scheduler's port refuses a new one."""
+        if self.client.status != "running" and not _reachable(self.client.scheduler.address):
+            raise ExecutorError(_lost(self.client, ConnectionError("scheduler-connection-lost")))
 
     def close(self) -> None:
         if self.cluster is not None:
@@ -589,15 +609,46 @@ def _cluster_failures() -> tuple[type[BaseException], ...]:
 
 
 def _lost(client, exc: BaseException) -> str:
+    """One line for a cluster failure: a lost scheduler, or what else failed."""
     reason = (str(exc).strip().splitlines() or [""])[0][:200]
-    if "scheduler-connection-lost" in reason or client.status != "running":
-        what = f"lost the dask scheduler {client.scheduler.address}"
+    address = client.scheduler.address if client.scheduler is not None else "?"
+    lost = "scheduler-connection-lost" in reason or client.status != "running"
+    if not lost and isinstance(exc, _cluster_failures()):
+        # the client may not have noticed yet, and a scheduler just killed may still be
+        # closing its port (how soon depends on the machine's load): ask the port itself,
+        # a few times, since once gone it stays gone
+        for attempt in range(5):
+            if attempt:
+                time.sleep(1.0)
+            if client.status != "running" or not _reachable(address):
+                lost = True
+                break
+    if lost:
+        what = f"lost the dask scheduler {address}"
     else:
         what = f"the dask cluster failed ({type(exc).__name__}: {reason})"
     return (
         f"{what} during the pass; the finished shards are kept in the store: start the "
         "cluster again and rerun the same command to resume"
     )
+
+
+def _reachable(address: str, timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to a ``tcp://host:port`` address is accepted."""
+    import socket
+
+    from distributed.comm import parse_host_port
+    from distributed.comm.addressing import parse_address
+
+    try:
+        scheme, location = parse_address(address)
+        if scheme not in ("tcp", "tls"):
+            return True  # cannot tell: trust the client's status
+        host, port = parse_host_port(location)
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _local_cluster(workers: int, device_type: str):
