@@ -129,7 +129,9 @@ def test_only_selected_layers_are_solved_and_the_rest_keep_their_weights(tmp_pat
     out = tmp_path / "sel.zarr"
     cfg = RunConfig(limit=600, shard_size=300, include=("conv[24]",), holdout=None)
     result = compute(cfg, out, data_root=data_root, device="cpu")
-    assert [s.name for s in result.layers] == ["conv2", "conv4"]
+    assert [s.name for s in result.solved] == ["conv2", "conv4"]
+    left = {s.name: s.reason for s in result.layers if s.reason}
+    assert left == dict.fromkeys(["conv1", "conv3", "l1"], "left out by --include / --exclude")
     g = zarr.open_group(str(out), mode="r")
     assert sorted(g["layers"].group_keys()) == ["conv2", "conv4"]
     for kept in ("conv1.weight", "conv3.weight", "l1.bias"):

@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import zarr
+from click.testing import CliRunner
 
 from lsuv_pipeline import RunConfig, compute
+from lsuv_pipeline.cli import cli
 from lsuv_pipeline.errors import StoreError
 from lsuv_pipeline.lock import LOCK_NAME, writer_lock
 from tests.stores import assert_same_bytes
@@ -184,3 +187,54 @@ def test_ctrl_c_stops_after_the_batch_and_says_how_to_resume(tmp_path, data_root
     proc = drive("none", out, data_root)
     assert proc.returncode == 0 and "(resumed)" in proc.stdout
     assert_same_bytes(out, reference["mj"])
+
+
+def small_cnn(kernel=3, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, kernel, padding=kernel // 2),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 10),
+    )
+
+
+API = RunConfig(limit=600, shard_size=300, batch_size=150, holdout=None)
+
+
+def test_another_initial_state_or_structure_is_not_up_to_date(tmp_path, data_root):
+    out = tmp_path / "run.zarr"
+    first = compute(API, out, model=small_cnn(seed=0), data_root=data_root, device="cpu")
+    same = compute(API, out, model=small_cnn(seed=0), data_root=data_root, device="cpu")
+    assert same.up_to_date
+    seed = r"model initial state: sha256:\w+ -> sha256:\w+ \(other initial weights: another seed"
+    with pytest.raises(StoreError, match=seed + r".*--overwrite"):
+        compute(API, out, model=small_cnn(seed=1), data_root=data_root, device="cpu")
+    layers = r"model structure: sha256:\w+ -> sha256:\w+ \(other layers or layer settings\)"
+    with pytest.raises(StoreError, match=layers):
+        compute(API, out, model=small_cnn(kernel=5), data_root=data_root, device="cpu")
+    other = compute(API, out, model=small_cnn(seed=1), data_root=data_root, device="cpu",
+                    overwrite=True)  # fmt: skip
+    assert not other.up_to_date and other.passes == 2
+    w0, w1 = first.model[0].weight, other.model[0].weight
+    assert not torch.equal(w0, w1)  # a seed sweep gets one init per seed
+
+
+def test_a_callers_model_is_recorded_as_given_not_as_the_default(tmp_path, data_root):
+    out = tmp_path / "run.zarr"
+    compute(API, out, model=small_cnn(), data_root=data_root, device="cpu")
+    attrs = zarr.open_group(str(out), mode="r").attrs
+    assert attrs["model"]["source"] == "caller"
+    assert attrs["model"]["class"] == "torch.nn.modules.container.Sequential"
+    assert attrs["config"]["model"] is None and attrs["config"]["seed"] is None
+    shown = CliRunner().invoke(cli, ["show", str(out)])
+    assert "model     torch.nn.modules.container.Sequential (given by the caller)" in shown.output
+    built = tmp_path / "built.zarr"
+    compute(API, built, data_root=data_root, device="cpu")
+    model = zarr.open_group(str(built), mode="r").attrs["model"]
+    assert model["source"] == "built" and model["name"] == "mj" and model["seed"] == 0
+    assert (
+        "lsuv_pipeline.models.MJ (mj, seed 0)"
+        in CliRunner().invoke(cli, ["show", str(built)]).output
+    )

@@ -111,6 +111,7 @@ class Run:
             solve_split=self.config.split,
             target_std=self.config.target_std,
             tol=self.config.tol,
+            mode=self.config.mode,
         )
 
 
@@ -157,7 +158,13 @@ def _check_against(model: nn.Module, state: dict[str, torch.Tensor], where: str,
         raise StoreError(f"{where} does not fit {type(model).__name__}: " + "; ".join(problems))
 
 
-def load_init(model: nn.Module, source: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+def load_init(
+    model: nn.Module,
+    source: str | os.PathLike,
+    *,
+    strict: bool = True,
+    allow_off_target: bool = False,
+) -> nn.Module:
     """Load the LSUV init of a finished run into ``model``, all or nothing.
 
     Every name, shape and dtype is checked, and every array read and verified, before the
@@ -168,13 +175,17 @@ def load_init(model: nn.Module, source: str | os.PathLike, *, strict: bool = Tru
         source: A run store path, or a shipped checkpoint's name (see :data:`SHIPPED`).
         strict: Require exactly the same parameter and buffer names (like
             :meth:`torch.nn.Module.load_state_dict`); else load the names both have.
+        allow_off_target: Load a run whose verification found layers off target too.
 
     Returns:
         ``model``.
 
     Raises:
-        StoreError: Missing, damaged or incomplete store, or one that does not fit the model.
+        StoreError: Missing, damaged or incomplete store, one whose verification failed
+            (unless ``allow_off_target``), or one that does not fit the model.
     """
+    if not isinstance(model, nn.Module):
+        raise StoreError(f"load_init needs a torch.nn.Module, got {type(model).__name__}")
     path = resolve_checkpoint(source)
     store = RunStore.open(path)
     status = store.attrs.get("status")
@@ -182,6 +193,12 @@ def load_init(model: nn.Module, source: str | os.PathLike, *, strict: bool = Tru
         raise StoreError(
             f"{str(path)!r} is not complete (status {status!r}); finish it by rerunning its "
             "compute command"
+        )
+    off = (store.attrs.get("verification") or {}).get("off_target") or []
+    if off and not allow_off_target:
+        raise StoreError(
+            f"{str(path)!r}: its verification found {len(off)} layer(s) off target "
+            f"({', '.join(off)}); pass allow_off_target=True to load it anyway"
         )
     state = store.read_state("final")
     _check_against(model, state, repr(str(path)), strict)

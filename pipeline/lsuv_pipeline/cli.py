@@ -12,10 +12,14 @@ import click
 
 from .config import RunConfig
 from .data import DATASETS
-from .errors import Interrupted, LsuvError
+from .errors import Interrupted, LsuvError, OffTarget
 from .solve import MODES
 
-__all__ = ["cli", "main"]
+__all__ = ["OFF_TARGET", "cli", "main"]
+
+#: Exit status of a run or verification whose layers miss the tolerance (1 is any other
+#: error, 2 a usage mistake, 130 Ctrl-C).
+OFF_TARGET = 3
 
 
 class _Group(click.Group):
@@ -40,6 +44,11 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except OffTarget as exc:
+            if exc.result is not None:
+                click.echo(exc.result.table())
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(OFF_TARGET)
         except Interrupted as exc:
             click.echo(f"Interrupted: {exc}", err=True)
             ctx.exit(130)
@@ -263,7 +272,7 @@ def compute(**opts) -> None:
         return
     click.echo(result.table())
     click.echo(
-        f"\n{len(result.layers)} layers solved in {result.passes} passes, "
+        f"\n{len(result.solved)} layers solved in {result.passes} passes, "
         f"{result.seconds:.1f} s; wrote {result.path}" + (" (resumed)" if result.resumed else "")
     )
 
@@ -298,6 +307,19 @@ def _key_values(items: tuple[str, ...], option: str) -> dict:
 RUN = click.argument("run", metavar="RUN")
 
 
+def _provenance(model) -> str:
+    """Where a run's model came from, as ``show`` prints it."""
+    model = model if isinstance(model, dict) else {}
+    name = model.get("class", "?")
+    if model.get("source") == "caller":
+        return f"{name} (given by the caller)"
+    if model.get("source") == "built":
+        kwargs = model.get("kwargs") or {}
+        extra = f", kwargs {kwargs}" if kwargs else ""
+        return f"{name} ({model.get('name')}, seed {model.get('seed')}{extra})"
+    return name
+
+
 @cli.command()
 @RUN
 @click.option(
@@ -320,7 +342,7 @@ def show(run: str, plot: str | None) -> None:
         f"dataset   {d.get('name')} / {d.get('split')}, {d.get('count')} samples, "
         f"{d.get('fingerprint', '')[:23]}..."
     )
-    click.echo(f"model     {r.attrs.get('model', {}).get('class')} ({r.config.model})")
+    click.echo(f"model     {_provenance(r.attrs.get('model'))}")
     cfg = r.config.to_dict()
     click.echo("config    " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
     click.echo("")
@@ -347,7 +369,7 @@ def show(run: str, plot: str | None) -> None:
 def verify(run: str, split: str, tol: float, data_root, device: str, quiet: bool) -> None:
     """Measure every layer's output mean/std over a split with the run's final weights.
 
-    Exits 1 if any layer misses the tolerance.
+    Exits 3 if any layer misses the tolerance.
     """
     from .verify import verify as run_verify
 
@@ -361,7 +383,7 @@ def verify(run: str, split: str, tol: float, data_root, device: str, quiet: bool
             + ", ".join(result.failures),
             err=True,
         )
-        raise click.exceptions.Exit(1)
+        raise click.exceptions.Exit(OFF_TARGET)
     click.echo(f"\nall {len(result.layers)} layers within {tol:g} on {split}")
 
 

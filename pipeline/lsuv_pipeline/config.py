@@ -30,14 +30,16 @@ class RunConfig:
         split: Split the solve runs on.
         holdout: Split measured after the solve (``None``: none).
         limit: Use only the first ``limit`` samples of each split.
-        model: Model name (see ``models.MODELS``).
+        model: Model name (see ``models.MODELS``); ``None`` in a store whose model was
+            given by the caller (the tool built none).
         model_kwargs: Keyword arguments for the model factory.
         mode: ``"tensor"`` (one scale per layer, the paper's) or ``"channel"``.
         target_std: Output standard deviation to reach.
         tol: Tolerance on |mean| and |std - target| for layers solved iteratively.
         max_iter: Most passes for one iteratively solved layer.
         orthogonal: Orthonormal pre-init before the solve (LSUV step I).
-        seed: Seed of the model's initial weights (and of the orthogonal pre-init).
+        seed: Seed of the model's initial weights (and of the orthogonal pre-init);
+            ``None`` in a store whose model was given by the caller, without the pre-init.
         include: Solve only layers whose name matches one of these regular expressions
             (``re.search``); empty: all conv / linear layers.
         exclude: Then leave out layers matching any of these.
@@ -51,14 +53,14 @@ class RunConfig:
     split: str = "train"
     holdout: str | None = "test"
     limit: int | None = None
-    model: str = "mj"
+    model: str | None = "mj"
     model_kwargs: dict = field(default_factory=dict)
     mode: Mode = "tensor"
     target_std: float = 1.0
     tol: float = 1e-4
     max_iter: int = 20
     orthogonal: bool = False
-    seed: int = 0
+    seed: int | None = 0
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     batch_size: int = 256
@@ -86,6 +88,12 @@ class RunConfig:
         for name in ("max_iter", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.model is not None and not isinstance(self.model, str):
+            raise ConfigError(f"model must be a name (a string), got {type(self.model).__name__}")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise ConfigError(f"--seed must be an integer, got {self.seed!r}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
 
@@ -97,6 +105,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a mapping of options, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -14,6 +14,7 @@ __all__ = [
     "LayerError",
     "LsuvError",
     "ModelError",
+    "OffTarget",
     "StoreError",
 ]
 
@@ -36,6 +37,18 @@ class ModelError(LsuvError):
 
 class LayerError(LsuvError):
     """A layer whose statistics make the solve impossible (dead, constant or non-finite)."""
+
+
+class OffTarget(LsuvError):
+    """A finished run whose verified statistics miss the tolerance on the solve split.
+
+    The store is complete and says so (``verification``); ``result`` holds what the run
+    computed, for a caller who wants to look at it.
+    """
+
+    def __init__(self, message: str, result=None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class StoreError(LsuvError):

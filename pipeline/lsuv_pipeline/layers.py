@@ -24,15 +24,19 @@ from torch import nn
 
 from . import moments as mom
 from .errors import ConfigError, ModelError
-from .solve import Solution, output_map, transform_output
+from .solve import Mode, Solution, output_map, transform_output, weight_form
 
 __all__ = [
     "TARGET_TYPES",
     "Capture",
+    "Follower",
     "LayerInfo",
+    "LayerPlan",
+    "Unsolved",
     "capture",
     "channel_dim",
     "evaluating",
+    "plan_layers",
     "select",
     "solved_outputs",
     "trace",
@@ -258,6 +262,176 @@ def select(
     if not chosen:
         raise ConfigError("--include / --exclude leave no layer to solve")
     return chosen
+
+
+@dataclass(frozen=True, kw_only=True)
+class Unsolved:
+    """A target layer the run leaves as it is, and why.
+
+    Attributes:
+        name: Module name.
+        kind: Class name.
+        reason: Why it is not solved (left out by the options, tied, not rescalable, ...).
+        position: How many solved layers come before it in forward order (for tables).
+    """
+
+    name: str
+    kind: str
+    reason: str
+    position: int = 0
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "reason": self.reason,
+                "position": self.position}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Unsolved:
+        return cls(**d)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Follower:
+    """A target layer that shares its weight with an earlier, solved one (tied weights).
+
+    Solving the leader rescales the shared weight, so the follower's output changes too:
+    passes map it through :func:`~.solve.follower_solution`. It is not solved itself.
+    """
+
+    name: str
+    leader: str
+    shares_bias: bool
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What a run solves: the layers in forward order, those it leaves and why, and the
+    layers tied to solved ones."""
+
+    layers: list[LayerInfo]
+    unsolved: list[Unsolved]
+    followers: list[Follower]
+
+
+def _holders(model: nn.Module) -> dict[int, list[tuple[str, str, nn.Module]]]:
+    """id(parameter) -> every (module name, parameter name, module) that holds it."""
+    out: dict[int, list[tuple[str, str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        for pname, p in module._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append((name, pname, module))
+    return out
+
+
+def plan_layers(
+    model: nn.Module,
+    traced: Sequence[LayerInfo],
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    mode: Mode = "tensor",
+) -> LayerPlan:
+    """Decide, before the first pass, which traced layers are solved and name the rest.
+
+    A layer is left as it is, with its reason, when the options leave it out, when its
+    weight's scale cannot be reached (``solve.weight_form``: spectral norm, other
+    parametrizations or hooks), or when its weight is shared in a way the solve cannot
+    account for (:func:`_tie_groups`). Of target layers that share one weight, the first in
+    forward order is solved and the later ones are :class:`Follower` s, "tied to" it.
+
+    Raises:
+        ConfigError: A pattern matches no layer, or no layer is left to solve.
+    """
+    chosen = {i.name for i in select(traced, include, exclude)}
+    reasons: dict[str, str] = {}
+    forms = {}
+    for info in traced:
+        form = weight_form(model.get_submodule(info.name), mode)
+        if info.name not in chosen:
+            reasons[info.name] = "left out by --include / --exclude"
+        elif isinstance(form, str):
+            reasons[info.name] = form
+        forms[info.name] = form
+    followers = _tie_groups(model, traced, forms, reasons)
+    layers = [i for i in traced if i.name not in reasons]
+    if not layers:
+        name, why = next(iter(reasons.items()))
+        raise ConfigError(f"no layer is left to solve (e.g. {name!r}: {why})")
+    unsolved, solved_before = [], 0
+    for info in traced:
+        if info.name in reasons:
+            why = reasons[info.name]
+            unsolved.append(
+                Unsolved(name=info.name, kind=info.kind, reason=why, position=solved_before)
+            )
+        else:
+            solved_before += 1
+    return LayerPlan(layers, unsolved, followers)
+
+
+def _tie_groups(model, traced, forms, reasons: dict[str, str]) -> list[Follower]:
+    """Find target layers whose weight (or bias) another module holds too; add reasons.
+
+    A group of holders can be solved only if every holder is a target layer of the same
+    type and weight shape that the forward reaches, holding the tensor as its ``weight``
+    (biases shared only inside the group), and the first of them in forward order is
+    solved: then the others follow it. Otherwise (a head tied to an embedding, which runs
+    earlier; a weight an unsolved layer holds) every layer of the group is left as it is.
+    """
+    holders: dict[int, list[tuple[str, str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        for pname, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((name, pname, module))
+    order = {i.name: k for k, i in enumerate(traced)}
+    followers = []
+    done: set[str] = set()
+    for info in traced:
+        form = forms[info.name]
+        if info.name in done or isinstance(form, str):
+            continue
+        module = model.get_submodule(info.name)
+        own = f"{info.name}.parametrizations." if info.name else "parametrizations."
+        group = [h for h in holders.get(id(form.magnitude), []) if not h[0].startswith(own)]
+        bias = module.bias if isinstance(module.bias, nn.Parameter) else None
+        bias_holders = holders.get(id(bias), []) if bias is not None else []
+        if len(group) == 1 and len(bias_holders) <= 1:
+            continue
+        names = [n for n, _, _ in group]
+        done.update(names)
+        why = _untieable(info.name, module, group, bias_holders, order, reasons)
+        targets = [n for n in names if n in order]
+        if why is not None:
+            for n in targets:
+                reasons.setdefault(n, why)
+            continue
+        leader = min(targets, key=order.__getitem__)
+        lead = model.get_submodule(leader)
+        for n in sorted(targets, key=order.__getitem__):
+            if n == leader:
+                continue
+            follower = model.get_submodule(n)
+            shares = follower.bias is not None and follower.bias is lead.bias
+            followers.append(Follower(name=n, leader=leader, shares_bias=shares))
+            reasons[n] = f"tied to {leader!r} (its weight; solved there)"
+    return followers
+
+
+def _untieable(name, module, group, bias_holders, order, reasons) -> str | None:
+    """Why a group of modules sharing a weight cannot be solved as leader and followers."""
+    names = {n for n, _, _ in group}
+    for n, p, m in group:
+        if not isinstance(m, TARGET_TYPES) or p != "weight" or n not in order:
+            what = f"{n!r} ({type(m).__name__})" if n else "the model itself"
+            return f"weight tied to {what}: rescaling it would change that module too"
+        if type(m) is not type(module) or m.weight.shape != module.weight.shape:
+            return f"weight tied to {n!r} in another layout ({type(m).__name__})"
+    for n, _, m in bias_holders:
+        if n not in names:
+            return f"bias tied to {n!r} ({type(m).__name__}), which the solve cannot account for"
+    leader = min(names, key=order.__getitem__)
+    if leader in reasons:
+        return f"weight tied to {leader!r}, which is not solved ({reasons[leader]})"
+    return None
 
 
 class StopForward(Exception):

@@ -13,7 +13,9 @@ touching the global RNG.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +30,7 @@ __all__ = [
     "MODELS",
     "ModelSpec",
     "build_model",
+    "describe_model",
     "mj",
     "resolve_factory",
     "torchvision_models",
@@ -197,3 +200,41 @@ def build_model(
             f"model {spec.name!r}: the factory returned {type(model).__name__}, not an nn.Module"
         )
     return model
+
+
+def _qualname(obj) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def describe_model(model: nn.Module) -> dict:
+    """Return what identifies a model's result: its class, structure and state, as digests.
+
+    ``structure`` hashes the module tree (every submodule's name and class), the model's
+    ``repr`` (layer hyperparameters: kernel sizes, strides, ...) and every parameter's and
+    buffer's name, shape and dtype. ``initial`` hashes the values of the state dict, so
+    another seed or init gives another digest. The code of ``forward`` is identified by the
+    classes alone.
+
+    Raises:
+        ModelError: ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
+    state = model.state_dict()
+    tree = {
+        "modules": [[name, _qualname(m)] for name, m in model.named_modules()],
+        "repr": repr(model),
+        "state": [[k, list(v.shape), str(v.dtype)] for k, v in state.items()],
+    }
+    structure = hashlib.sha256(json.dumps(tree).encode())
+    initial = hashlib.sha256()
+    for name, value in state.items():
+        t = value.detach().cpu().contiguous().reshape(-1)
+        initial.update(f"{name}:{t.dtype}:{list(value.shape)}:".encode())
+        initial.update(t.view(torch.uint8).numpy().tobytes())
+    return {
+        "class": _qualname(model),
+        "structure": "sha256:" + structure.hexdigest(),
+        "initial": "sha256:" + initial.hexdigest(),
+    }

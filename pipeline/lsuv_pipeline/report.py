@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import moments as mom
+from .solve import Mode, residual
 
-__all__ = ["LayerStats", "format_table", "plot_stats"]
+__all__ = ["LayerStats", "format_table", "plot_stats", "with_unsolved"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +26,7 @@ class LayerStats:
         solved: Whether its solve is committed (a run in progress has unsolved layers).
         before: Output moments with the initial weights (training split).
         after: Output moments after LSUV, per split name.
+        reason: Why the run leaves it as it is (empty for a layer the run solves).
     """
 
     name: str
@@ -35,6 +37,31 @@ class LayerStats:
     solved: bool = True
     before: mom.Moments | None = None
     after: dict[str, mom.Moments] = field(default_factory=dict)
+    reason: str = ""
+
+    def on_target(self, split: str, *, mode: Mode, target_std: float, tol: float) -> bool | None:
+        """Whether its output on ``split`` is on target (``solve.residual``'s rule), or
+        ``None`` when it was not measured there."""
+        m = self.after.get(split)
+        if m is None or m.count == 0:
+            return None
+        res = residual(m, mode=mode, target_std=target_std, has_bias=self.has_bias)
+        return res.within(tol)
+
+
+def with_unsolved(stats: Sequence[LayerStats], unsolved: Sequence) -> list[LayerStats]:
+    """The solved layers' rows with rows for the layers a run leaves (``layers.Unsolved``)
+    in their forward-order places."""
+    left = sorted(unsolved, key=lambda u: u.position)  # stable: forward order kept
+    rows: list[LayerStats] = []
+    for i, row in enumerate([*stats, None]):
+        while left and (row is None or left[0].position <= i):
+            u = left.pop(0)
+            rows.append(LayerStats(name=u.name, kind=u.kind, passes=0, converged=False,
+                                   solved=False, reason=u.reason))  # fmt: skip
+        if row is not None:
+            rows.append(row)
+    return rows
 
 
 def _pooled(m: mom.Moments | None) -> tuple[float, float] | None:
@@ -58,13 +85,15 @@ def format_table(
     solve_split: str,
     target_std: float,
     tol: float,
+    mode: Mode = "tensor",
 ) -> str:
     """Return a fixed-width table: layer, mean/std before, after per split, passes, note.
 
     Means and stds are pooled over all channels and positions. The note flags a layer whose
-    solve did not converge, a layer without bias (its mean is not solved), and a layer
-    whose |mean| or |std - target| on the ``solve_split`` exceeds ``tol``; held-out splits
-    are shown, not judged.
+    solve did not converge, a layer without bias (its mean is not solved), a layer the run
+    leaves as it is (with the reason), and a layer off target on the ``solve_split`` by the
+    rule of ``solve.residual`` (per channel in channel mode); held-out splits are shown,
+    not judged.
     """
     show_before = any(r.before is not None for r in rows)
     splits = [s for s in splits if any(s in r.after for r in rows)]
@@ -76,21 +105,19 @@ def format_table(
     for r in rows:
         cells = [r.name or "(model)", r.kind, *(_cell(r.before) if show_before else [])]
         notes = []
-        if not r.solved:
+        if r.reason:
+            notes.append(f"not solved: {r.reason}")
+        elif not r.solved:
             notes.append("not solved yet")
         elif not r.converged:
             notes.append("NOT CONVERGED")
-        if not r.has_bias:
+        if not r.has_bias and not r.reason:
             notes.append("no bias: mean not solved")
         for split in splits:
-            m = r.after.get(split)
-            cells += _cell(m)
-            p = _pooled(m)
-            off = p is not None and (
-                (r.has_bias and abs(p[0]) > tol) or abs(p[1] - target_std) > tol
-            )
-            if split == solve_split and off:
-                notes.append(f"{split} off by > {tol:g}")
+            cells += _cell(r.after.get(split))
+            on = r.on_target(split, mode=mode, target_std=target_std, tol=tol)
+            if split == solve_split and on is False and not r.reason:
+                notes.append(f"{split} OFF TARGET by > {tol:g}")
         cells += [str(r.passes) if r.solved else "-", "; ".join(notes)]
         body.append(cells)
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]

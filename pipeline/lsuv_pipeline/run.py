@@ -24,6 +24,8 @@ the hooks in ``layers.py``, the cache in ``cache.py``, the IO in ``store.py``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import signal
 import threading
 import time
@@ -39,7 +41,7 @@ from . import moments as mom
 from .cache import Segments, Uncacheable, parse_size
 from .config import RunConfig
 from .data import DatasetSpec, Source, limited, open_source, resolve_root, source_from
-from .errors import ConfigError, Interrupted, LsuvError, StoreError
+from .errors import ConfigError, Interrupted, LsuvError, OffTarget, StoreError
 from .executors import (
     CachePlan,
     DaskExecutor,
@@ -47,13 +49,24 @@ from .executors import (
     PassPlan,
     open_executor,
 )
-from .layers import LayerInfo, select, trace
+from .layers import LayerInfo, LayerPlan, plan_layers, trace
 from .lock import LOCK_NAME, writer_lock
-from .models import ModelSpec, build_model
+from .models import ModelSpec, build_model, describe_model
 from .numerics import numerics_differences, numerics_key
 from .progress import Progress, as_progress
-from .report import LayerStats, format_table
-from .solve import Refinement, Residual, Solution, orthogonal_, rescale_, residual, solve
+from .report import LayerStats, format_table, with_unsolved
+from .solve import (
+    Refinement,
+    Residual,
+    Solution,
+    follower_solution,
+    orthogonal_,
+    predict,
+    refresh_weight_norm_,
+    rescale_,
+    residual,
+    solve,
+)
 from .store import RunStore, layer_key, versions
 
 __all__ = ["RunResult", "compute", "open_split", "resolve_device"]
@@ -67,11 +80,14 @@ class RunResult:
         path: The run store.
         model: The model, now initialized.
         config: The configuration it ran.
-        layers: Per-layer statistics, in forward order.
+        layers: Per-layer statistics, in forward order, the layers left as they are (with
+            their reason) included.
         passes: Passes over the solve split this call ran, verification excluded.
         seconds: Wall time of this call's solve (passes and writes), verification excluded.
         up_to_date: The store was already complete for this config and data.
         resumed: The store held an unfinished run that this call continued.
+        off_target: Solved layers whose verified statistics miss ``config.tol`` on the
+            solve split (``compute`` raises :class:`~.errors.OffTarget` when any do).
     """
 
     path: Path
@@ -82,6 +98,12 @@ class RunResult:
     seconds: float = 0.0
     up_to_date: bool = False
     resumed: bool = False
+    off_target: list[str] = field(default_factory=list)
+
+    @property
+    def solved(self) -> list[LayerStats]:
+        """The layers the run solved (``layers`` without those it left)."""
+        return [s for s in self.layers if not s.reason]
 
     def table(self) -> str:
         """The per-layer table: mean/std before, after on each measured split."""
@@ -92,6 +114,7 @@ class RunResult:
             solve_split=self.config.split,
             target_std=self.config.target_std,
             tol=self.config.tol,
+            mode=self.config.mode,
         )
 
 
@@ -190,23 +213,43 @@ def _stop_on_sigint() -> Iterator[_StopFlag]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _identity(config: RunConfig, train: Source, holdout: Source | None, model_class: str) -> dict:
+def recorded_config(config: RunConfig, *, model_given: bool) -> RunConfig:
+    """The config as the store records it: for a model the caller gave, no model name,
+    kwargs or seed (the tool built nothing), unless the seed drew the orthogonal pre-init."""
+    if not model_given:
+        return config
+    return dataclasses.replace(
+        config, model=None, model_kwargs={}, seed=config.seed if config.orthogonal else None
+    )
+
+
+#: Identity keys from the model's description, and what a difference in them means.
+_MODEL_KEYS = {
+    "model class": ("class", ""),
+    "model structure": ("structure", " (other layers or layer settings)"),
+    "model initial state": ("initial", " (other initial weights: another seed or init)"),
+}
+
+
+def _identity(config: RunConfig, train: Source, holdout: Source | None, model: dict) -> dict:
     """What a store must match to be resumed or to count as up to date."""
     return {
         "config": config.to_dict(),
         "dataset fingerprint": train.fingerprint,
         "held-out fingerprint": holdout.fingerprint if holdout is not None else None,
-        "model class": model_class,
+        **{key: model.get(field) for key, (field, _) in _MODEL_KEYS.items()},
+        "provenance": model,
     }
 
 
 def _stored_identity(attrs: dict) -> dict:
     holdout = attrs.get("holdout") or {}
+    model = attrs.get("model", {})
     return {
         "config": attrs.get("config"),
         "dataset fingerprint": attrs.get("dataset", {}).get("fingerprint"),
         "held-out fingerprint": holdout.get("fingerprint"),
-        "model class": attrs.get("model", {}).get("class"),
+        **{key: model.get(field) for key, (field, _) in _MODEL_KEYS.items()},
     }
 
 
@@ -222,9 +265,19 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
                 for k, v in want.items()
                 if have.get(k) != v
             ]
+        elif key == "provenance":
+            continue  # recorded, not compared: the digests above say what matters
         elif have != want:
-            out.append(f"{key}: {have} -> {want}")
+            why = _MODEL_KEYS.get(key, ("", ""))[1]
+            out.append(f"{key}: {_short(have)} -> {_short(want)}{why}")
     return out
+
+
+def _short(value):
+    """A digest cut to a readable length; other values as they are."""
+    if isinstance(value, str) and value.startswith("sha256:"):
+        return value[:19]
+    return value
 
 
 def _check_out(out: Path) -> None:
@@ -245,8 +298,11 @@ def _check_out(out: Path) -> None:
 class _Solver:
     """One run's state: model, data, store and executor, and the passes over them."""
 
-    def __init__(self, config, model, train, store, executor, device, progress, stop, tf32):
+    def __init__(
+        self, config, model, train, store, executor, device, progress, stop, tf32, followers=()
+    ):
         self.config = config
+        self.followers = list(followers)
         self.allow_tf32 = tf32
         self.cache_token: str | None = None  # set when passes run from cached activations
         self.cache_budget: int | None = None
@@ -263,6 +319,16 @@ class _Solver:
         #: Updates of the layers solved so far, in forward order. The model keeps its
         #: initial weights until the end; passes map solved layers' outputs instead.
         self.solutions: dict[str, Solution] = {}
+
+    def mapped(self) -> dict[str, Solution]:
+        """The output maps of a pass: each solved layer's update, and for a layer tied to a
+        solved one (it shares the rescaled weight) the map that sharing implies."""
+        out = dict(self.solutions)
+        for f in self.followers:
+            if f.leader in self.solutions:
+                bias = self.model.get_submodule(f.name).bias
+                out[f.name] = follower_solution(self.solutions[f.leader], bias, f.shares_bias)
+        return out
 
     def _advance(self, n: int) -> None:
         self.progress.advance(n)
@@ -344,7 +410,7 @@ class _Solver:
         label = f"[{k + 1}/{len(self._layers)}] {info.name}"
         if index > 1:
             label += f" (pass {index})"
-        solved = dict(self.solutions)
+        solved = self.mapped()
         if trial is not None:
             solved[info.name] = trial
         cache = None
@@ -381,7 +447,12 @@ class _Solver:
             layer=info.name,
         )
         passes = 1
-        res = residual(_predict(before, solution), mode=config.mode, target_std=config.target_std)
+        res = residual(
+            predict(before, solution),
+            mode=config.mode,
+            target_std=config.target_std,
+            has_bias=has_bias,
+        )
         converged = True
         if info.dependent:
             solution, res, passes = self._refine(k, info, before, solution, has_bias)
@@ -413,11 +484,13 @@ class _Solver:
             solution, before, mode=config.mode, target_std=config.target_std, has_bias=has_bias
         )
         passes = 1
-        res = Residual(mean=float("inf"), std=float("inf"))
+        res = Residual(mean=float("inf"), std=float("inf"), has_bias=has_bias)
         while passes < config.max_iter:
             passes += 1
             measured = mom.merge_all(self.layer_pass(k, info, passes, trial=solution))
-            res = residual(measured, mode=config.mode, target_std=config.target_std)
+            res = residual(
+                measured, mode=config.mode, target_std=config.target_std, has_bias=has_bias
+            )
             self.progress.note(
                 f"{info.name}: calls feed each other; pass {passes}: |mean| {res.mean:.2e}, "
                 f"|std - target| {res.std:.2e}"
@@ -454,15 +527,34 @@ class _Solver:
         return stats
 
 
-def _predict(before: mom.Moments, solution: Solution) -> mom.Moments:
-    """Moments of ``(y - shift) / scale`` given those of ``y`` (per channel or pooled)."""
-    return mom.Moments(
-        count=before.count,
-        mean=(before.mean - solution.shift) / solution.scale,
-        m2=before.m2 / solution.scale.square(),
-    )
+def keeps_callers_rng(fn):
+    """Run ``fn`` leaving the global torch (CPU, and CUDA where initialized), NumPy and
+    Python RNG states exactly as it found them.
+
+    Each iteration of a ``DataLoader`` draws its base seed from the global torch RNG, so a
+    pass over a caller's loader would otherwise make a training script train differently
+    depending on whether the store already existed.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        import random
+
+        import numpy as np
+
+        python, numpy_state = random.getstate(), np.random.get_state()
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                return fn(*args, **kwargs)
+        finally:
+            random.setstate(python)
+            np.random.set_state(numpy_state)
+
+    return wrapped
 
 
+@keeps_callers_rng
 def compute(
     config: RunConfig,
     out: str | Path,
@@ -537,18 +629,31 @@ def compute(
         budget = parse_size(cache_memory)
     except ValueError as exc:
         raise ConfigError(f"--cache-memory: {exc}") from None
+    given = model is not None
+    if given:
+        described = describe_model(model)  # a ModelError for what is not a module
+    elif config.model is None:
+        raise ConfigError("no model: give RunConfig(model=...) or compute(..., model=...)")
+    config = recorded_config(config, model_given=given)
     root = resolve_root(data_root) if data is None else Path(".")
     train, holdout = _open_sources(config, root, download, data, holdout_data, collate)
     out = Path(out)
     _check_out(out)
-    if model is None:
+    if not given:
         model = build_model(
             ModelSpec(name=config.model, kwargs=config.model_kwargs),
             seed=config.seed,
             in_channels=train.sample_shape[0],
             num_classes=train.num_classes or 10,
         )
-    identity = _identity(config, train, holdout, type(model).__name__)
+        described = describe_model(model)
+    provenance = (
+        {**described, "source": "caller"}
+        if given
+        else {**described, "source": "built", "name": config.model,
+              "kwargs": dict(config.model_kwargs), "seed": config.seed}
+    )  # fmt: skip
+    identity = _identity(config, train, holdout, provenance)
     executors = (
         contextlib.nullcontext(executor)
         if executor is not None
@@ -587,21 +692,28 @@ def compute(
         return _solve(config, out, model, store, train, holdout, identity, execution)
 
 
-def _listing(layers: list[LayerInfo], traced: list[LayerInfo]) -> str:
-    """The layers a run will solve, in forward order, as one note."""
-    names = [i.name or "(model)" for i in layers]
+def _listing(plan: LayerPlan) -> str:
+    """The layers a run will solve, in forward order, and those it leaves, as one note."""
+    names = [i.name or "(model)" for i in plan.layers]
     shown = ", ".join(names) if len(names) <= 30 else ", ".join(names[:30]) + ", ..."
-    left_out = len(traced) - len(layers)
-    return f"solving {len(layers)} layer(s) in forward order: {shown}" + (
-        f" ({left_out} left out by --include / --exclude)" if left_out else ""
-    )
+    text = f"solving {len(names)} layer(s) in forward order: {shown}"
+    left = [u for u in plan.unsolved if u.reason != "left out by --include / --exclude"]
+    options = len(plan.unsolved) - len(left)
+    if options:
+        text += f" ({options} left out by --include / --exclude)"
+    for u in left[:30]:
+        text += f"\nnot solving {u.name or '(model)'!r} ({u.kind}): {u.reason}"
+    if len(left) > 30:
+        text += f"\n... and {len(left) - 30} more not solved (listed in the store)"
+    return text
 
 
 def _up_to_date(store: RunStore, model: nn.Module, config: RunConfig, dev) -> RunResult:
     from .checkpoint import load_init
 
-    load_init(model.to(dev), store.path)
-    return RunResult(store.path, model, config, store.layer_stats(), up_to_date=True)
+    load_init(model.to(dev), store.path, allow_off_target=True)
+    result = RunResult(store.path, model, config, store.layer_stats(), up_to_date=True)
+    return _checked(result, store.attrs)
 
 
 @dataclass
@@ -622,8 +734,11 @@ def _solve(config, out, model, store, train, holdout, identity, ex: _Execution):
     dev, progress = ex.device, ex.progress
     model.to(dev)
     traced = trace(model, train.batch(0, min(2, train.count)).to(dev))
-    layers = select(traced, config.include, config.exclude)
-    progress.note(_listing(layers, traced))
+    plan = plan_layers(
+        model, traced, include=config.include, exclude=config.exclude, mode=config.mode
+    )
+    layers = plan.layers
+    progress.note(_listing(plan))
     resumed = store is not None
     numerics = ex.executor.numerics(dev)
     if store is None:
@@ -636,8 +751,10 @@ def _solve(config, out, model, store, train, holdout, identity, ex: _Execution):
                 "config": identity["config"],
                 "dataset": train.describe(),
                 "holdout": holdout.describe() if holdout is not None else None,
-                "model": {"spec": config.model, "class": identity["model class"]},
+                "model": identity["provenance"],
                 "layers": [{**i.to_dict(), "key": layer_key(i.name)} for i in layers],
+                "unsolved": [u.to_dict() for u in plan.unsolved],
+                "tied": [dataclasses.asdict(f) for f in plan.followers],
                 "status": "running",
                 "device": dev.type,
                 "allow_tf32": ex.allow_tf32,
@@ -663,9 +780,24 @@ def _solve(config, out, model, store, train, holdout, identity, ex: _Execution):
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     solver = _Solver(
-        config, model, train, store, ex.executor, dev, progress, ex.stop, ex.allow_tf32
+        config,
+        model,
+        train,
+        store,
+        ex.executor,
+        dev,
+        progress,
+        ex.stop,
+        ex.allow_tf32,
+        plan.followers,
     )
-    if ex.cache:
+    if ex.cache and plan.followers:
+        tie = plan.followers[0]
+        progress.note(
+            f"activation cache off: {tie.name!r} shares its weight with {tie.leader!r} "
+            "(tied); each pass runs from the input"
+        )
+    elif ex.cache:
         try:
             Segments(model, layers)
             solver.cache_token = f"{uuid.uuid4().hex}-{dev}"
@@ -680,6 +812,17 @@ def _solve(config, out, model, store, train, holdout, identity, ex: _Execution):
         seconds = time.perf_counter() - started
         if config.verify:
             stats = _verify(solver, layers, stats, initial, final, holdout)
+            off = [
+                st.name
+                for st in stats
+                if st.on_target(
+                    config.split, mode=config.mode, target_std=config.target_std, tol=config.tol
+                )
+                is False
+            ]
+            store.update_attrs(
+                {"verification": {"split": config.split, "tol": config.tol, "off_target": off}}
+            )
     except Interrupted:
         done = sum(store.committed(layer_key(i.name)) for i in layers)
         raise Interrupted(
@@ -687,8 +830,28 @@ def _solve(config, out, model, store, train, holdout, identity, ex: _Execution):
             f"solved; finished shards are kept in {str(out)!r}: rerun the same command to resume"
         ) from None
     _record_mixed(store, ex.executor.mixed, progress)
+    for module in model.modules():  # passes ran in inference mode: no inference weights left
+        refresh_weight_norm_(module)
     store.finish()
-    return RunResult(out, model, config, stats, solver.passes, seconds, resumed=resumed)
+    result = RunResult(
+        out, model, config, with_unsolved(stats, plan.unsolved), solver.passes, seconds,
+        resumed=resumed,
+    )  # fmt: skip
+    return _checked(result, store.attrs)
+
+
+def _checked(result: RunResult, attrs: dict) -> RunResult:
+    """Raise :class:`OffTarget` when the store's verification found layers off target."""
+    record = attrs.get("verification") or {}
+    result.off_target = list(record.get("off_target") or [])
+    if result.off_target:
+        raise OffTarget(
+            f"{len(result.off_target)} solved layer(s) miss the tolerance {record.get('tol'):g} "
+            f"on {record.get('split')!r} after LSUV: {', '.join(result.off_target)} (see the "
+            f"table; the store {str(result.path)!r} records it)",
+            result,
+        )
+    return result
 
 
 def _resume_numerics(store: RunStore, numerics: dict, allow_mixed: bool) -> None:

@@ -15,8 +15,19 @@ paper's) ``s`` and ``m`` are scalars pooled over channels; in ``"channel"`` mode
 output channel. A layer without bias gets the scale only; its mean ``m / s`` remains.
 
 A shared layer called twice in a row (its second input depends on its first output) is not
-linear in the update, so one step is not exact; :class:`Refinement` iterates it with a
-safeguarded secant step on ``log s`` and on the shift.
+linear in the update, so one step is not exact; :class:`Refinement` iterates it with
+Anderson-accelerated steps on ``log s`` and on the shift.
+
+Where the update goes: a plain ``weight`` parameter is divided by ``s``; a weight-normalized
+one (``W = g v / ||v||``, either of torch's two ``weight_norm``) has its magnitude ``g``
+divided instead, so the effective weight becomes ``W / s``. Weights whose scale the tool
+cannot reach (``spectral_norm`` fixes it at 1; other parametrizations and hooks are
+opaque) are reported by :func:`weight_form` and left alone.
+
+On target (:func:`residual`, the one rule the solve, the table and ``verify`` share): the
+worst ``|std - target|`` and, for a layer with a bias, the worst ``|mean|``, over the
+layer's channels in channel mode or pooled in tensor mode, within the tolerance. A layer
+without bias is judged on its std only: its mean is not the solve's to set.
 
 This module does not loop over data.
 """
@@ -39,13 +50,18 @@ __all__ = [
     "Refinement",
     "Residual",
     "Solution",
+    "WeightForm",
     "check_finite_spread",
+    "follower_solution",
     "orthogonal_",
     "output_map",
+    "predict",
+    "refresh_weight_norm_",
     "rescale_",
     "residual",
     "solve",
     "transform_output",
+    "weight_form",
 ]
 
 Mode = Literal["tensor", "channel"]
@@ -84,13 +100,18 @@ def output_map(solution: Solution, device: torch.device, dtype: torch.dtype) -> 
 
 @dataclass(frozen=True)
 class Residual:
-    """How far a layer's output is from the target: worst |mean| and |std - target|."""
+    """How far a layer's output is from the target: worst |mean| and |std - target|.
+
+    ``has_bias=False``: the mean is recorded, not judged (the layer cannot absorb it).
+    """
 
     mean: float
     std: float
+    has_bias: bool = True
 
     def within(self, tol: float) -> bool:
-        return self.mean <= tol and self.std <= tol
+        """Whether the layer is on target within ``tol`` (see the module docstring)."""
+        return self.std <= tol and (not self.has_bias or self.mean <= tol)
 
 
 def _view(m: mom.Moments, mode: Mode) -> mom.Moments:
@@ -157,12 +178,27 @@ def solve(
     return Solution(scale=scale.cpu(), shift=shift.cpu())
 
 
-def residual(m: mom.Moments, *, mode: Mode, target_std: float) -> Residual:
-    """Return the worst |mean| and |std - target| of an output with moments ``m``."""
+def residual(m: mom.Moments, *, mode: Mode, target_std: float, has_bias: bool = True) -> Residual:
+    """Return the worst |mean| and |std - target| of an output with moments ``m``.
+
+    NaN moments give infinite residuals, so they are never within a tolerance.
+    """
     v = _view(m, mode)
+    mean = v.mean.abs().max().item()
+    std = (v.std - target_std).abs().max().item()
     return Residual(
-        mean=v.mean.abs().max().item(),
-        std=(v.std - target_std).abs().max().item(),
+        mean=mean if mean == mean else float("inf"),
+        std=std if std == std else float("inf"),
+        has_bias=has_bias,
+    )
+
+
+def predict(before: mom.Moments, solution: Solution) -> mom.Moments:
+    """Moments of ``(y - shift) / scale`` given those of ``y`` (per channel or pooled)."""
+    return mom.Moments(
+        count=before.count,
+        mean=(before.mean - solution.shift) / solution.scale,
+        m2=before.m2 / solution.scale.square(),
     )
 
 
@@ -206,16 +242,79 @@ def transform_output(y: torch.Tensor, out_map: OutputMap, channel_dim: int) -> t
         # contiguous affine terms: batch norm's fused kernel (a strided one takes another)
         weight, bias = factor.expand(c).contiguous(), offset.expand(c).contiguous()
         return F.batch_norm(y, zero, one, weight, bias, eps=0.0)
+    view = [1] * y.ndim
+    view[channel_dim] = -1
     if factor.ndim:
-        view = [1] * y.ndim
-        view[channel_dim] = -1
-        factor, offset = factor.view(view), offset.view(view)
+        factor = factor.view(view)
+    if offset.ndim:
+        offset = offset.view(view)
     return torch.addcmul(offset, y, factor)
+
+
+@dataclass(frozen=True)
+class WeightForm:
+    """Where a layer's weight scale lives.
+
+    Attributes:
+        kind: ``"plain"`` (a ``weight`` parameter), ``"weight_norm"`` (the parametrization
+            of ``torch.nn.utils.parametrizations.weight_norm``) or ``"weight_norm_hook"``
+            (the older ``torch.nn.utils.weight_norm``, a forward pre-hook).
+        magnitude: The parameter to divide by the scale (``weight``, or ``g``).
+        dim: For weight norm, the dim ``g`` keeps (``-1``: one ``g`` for the whole weight).
+    """
+
+    kind: str
+    magnitude: torch.Tensor
+    dim: int | None = None
+
+
+def weight_form(module: nn.Module, mode: Mode) -> WeightForm | str:
+    """Return where ``module``'s weight scale lives, or why LSUV cannot rescale it."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import _WeightNorm
+
+    if parametrize.is_parametrized(module, "bias"):
+        return "its bias is computed by a parametrization, which LSUV cannot shift"
+    if parametrize.is_parametrized(module, "weight"):
+        chain = list(module.parametrizations.weight)
+        names = ", ".join(type(p).__name__.lstrip("_") for p in chain)
+        if len(chain) != 1 or not isinstance(chain[0], _WeightNorm):
+            why = " (it fixes the weight's scale at 1)" if "SpectralNorm" in names else ""
+            return f"its weight is computed by the parametrization {names}{why}"
+        form = WeightForm("weight_norm", module.parametrizations.weight.original0, chain[0].dim)
+    else:
+        hooks = [h for h in module._forward_pre_hooks.values() if getattr(h, "name", None)]
+        hook = next((h for h in hooks if h.name == "weight"), None)
+        if hook is not None and type(hook).__name__ == "WeightNorm":
+            form = WeightForm("weight_norm_hook", module.weight_g, hook.dim)
+        elif hook is not None:
+            why = " (it fixes the weight's scale at 1)" if "Spectral" in type(hook).__name__ else ""
+            return f"its weight is computed by the forward pre-hook {type(hook).__name__}{why}"
+        elif not isinstance(module._parameters.get("weight"), nn.Parameter):
+            return "its weight is not a parameter of the module (computed elsewhere)"
+        else:
+            return WeightForm("plain", module.weight)
+    if mode == "channel" and form.dim != _out_dim(module):
+        return (
+            f"channel mode needs weight norm over the output channels (dim {_out_dim(module)}), "
+            f"its weight norm keeps dim {form.dim}"
+        )
+    return form
+
+
+def _out_dim(module: nn.Module) -> int | None:
+    """The weight dim that indexes output channels (None: a grouped transposed conv)."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return 1 if module.groups == 1 else None
+    return 0
 
 
 @torch.no_grad()
 def rescale_(module: nn.Module, solution: Solution) -> nn.Module:
     """Apply ``W <- W / scale`` and ``b <- (b - shift) / scale`` in place, in float64.
+
+    The weight's scale is changed where it lives (see :func:`weight_form`): the weight
+    itself, or a weight norm's magnitude ``g``, so that the effective weight is ``W / s``.
 
     Args:
         module: A target layer (conv, transposed conv or linear).
@@ -223,17 +322,58 @@ def rescale_(module: nn.Module, solution: Solution) -> nn.Module:
 
     Returns:
         ``module``.
+
+    Raises:
+        LayerError: The module's weight scale cannot be reached (see :func:`weight_form`).
     """
-    w = module.weight
+    mode = "channel" if solution.scale.ndim else "tensor"
+    form = weight_form(module, mode)
+    if isinstance(form, str):
+        raise LayerError(f"cannot rescale {type(module).__name__}: {form}")
+    w = form.magnitude
     scale = solution.scale.to(device=w.device, dtype=torch.float64)
-    s, shape = _channel_view(module, scale)
+    if form.kind == "plain":
+        s, shape = _channel_view(module, scale)
+    else:  # g has the weight's ndim with only ``dim`` kept (or is a scalar for dim -1)
+        s, shape = (scale.view([-1 if d == form.dim else 1 for d in range(w.ndim)])
+                    if scale.ndim else scale), tuple(w.shape)  # fmt: skip
     new_w = w.detach().to(torch.float64).reshape(shape) / s
     w.copy_(new_w.reshape(w.shape).to(w.dtype))
+    if form.kind == "weight_norm_hook":  # recompute the weight the hook derives
+        refresh_weight_norm_(module)
     b = module.bias
     if b is not None:
         shift = solution.shift.to(device=b.device, dtype=torch.float64)
         b.copy_(((b.detach().to(torch.float64) - shift) / scale).to(b.dtype))
     return module
+
+
+@torch.no_grad()
+def refresh_weight_norm_(module: nn.Module) -> nn.Module:
+    """Recompute the weight an old-style ``weight_norm`` hook derives from ``g`` and ``v``.
+
+    Passes run under ``inference_mode``, where the hook leaves an inference tensor as the
+    module's ``weight``; this puts a plain one back (the next forward recomputes it anyway).
+    """
+    for hook in module._forward_pre_hooks.values():
+        if type(hook).__name__ == "WeightNorm":
+            setattr(module, hook.name, hook.compute_weight(module))
+    return module
+
+
+def follower_solution(leader: Solution, follower_bias: torch.Tensor | None, shares_bias: bool):
+    """The map a layer tied to a solved one sees: same weight ``W / s``, its own bias.
+
+    A follower computes ``W x + b_f``; once the shared weight is ``W / s`` it computes
+    ``(y - b_f) / s + b_f = (y - b_f (1 - s)) / s``: a :class:`Solution` with the leader's
+    scale and shift ``b_f (1 - s)`` (0 without bias; the leader's own if the bias is shared).
+    """
+    if shares_bias:
+        return leader
+    if follower_bias is None:
+        return Solution(scale=leader.scale, shift=torch.zeros_like(leader.scale))
+    b = follower_bias.detach().to(device="cpu", dtype=torch.float64)
+    return Solution(scale=leader.scale, shift=b * (1 - leader.scale))
 
 
 @torch.no_grad()
@@ -249,7 +389,21 @@ def orthogonal_(
         ``modules``.
     """
     for module in modules:
-        nn.init.orthogonal_(module.weight, generator=generator)
+        form = weight_form(module, "tensor")
+        if isinstance(form, str):
+            continue  # not solved, so not pre-initialized either
+        if form.kind == "plain":
+            nn.init.orthogonal_(module.weight, generator=generator)
+            continue
+        # weight norm: v orthonormal, g its norms, so that the effective weight is v itself
+        v = (
+            module.parametrizations.weight.original1
+            if form.kind == "weight_norm"
+            else (module.weight_v)
+        )
+        nn.init.orthogonal_(v, generator=generator)
+        norms = v.norm() if form.dim == -1 else torch.norm_except_dim(v, 2, form.dim)
+        form.magnitude.copy_(norms.reshape(form.magnitude.shape))
     return modules
 
 

@@ -39,7 +39,8 @@ import torch
 
 from . import moments as mom
 from .errors import StoreError
-from .report import LayerStats
+from .layers import Unsolved
+from .report import LayerStats, with_unsolved
 from .solve import Solution
 
 __all__ = ["SCHEMA", "LayerRecord", "Partial", "RunStore", "layer_key", "versions"]
@@ -299,7 +300,7 @@ class RunStore:
                     after=after,
                 )
             )
-        return out
+        return with_unsolved(out, [Unsolved.from_dict(d) for d in attrs.get("unsolved", [])])
 
     # -- passes: per-shard partials and finished multi-pass results ------------------
 

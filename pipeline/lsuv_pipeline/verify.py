@@ -12,12 +12,13 @@ from torch import nn
 from . import moments as mom
 from .config import RunConfig
 from .data import resolve_root
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .executors import Executor, InlineExecutor, PassPlan
-from .models import ModelSpec, build_model
+from .models import ModelSpec, build_model, describe_model
 from .progress import Progress, as_progress
 from .report import LayerStats, format_table
-from .run import open_split, resolve_device
+from .run import keeps_callers_rng, open_split, resolve_device
+from .solve import refresh_weight_norm_
 
 __all__ = ["Verification", "verify"]
 
@@ -49,9 +50,11 @@ class Verification:
             solve_split=self.split,
             target_std=self.config.target_std,
             tol=self.tol,
+            mode=self.config.mode,
         )
 
 
+@keeps_callers_rng
 def verify(
     source: str | Path,
     *,
@@ -89,7 +92,21 @@ def verify(
     dev = resolve_device(device)
     root = resolve_root(data_root) if data is None else Path(".")
     data = open_split(config, split, root=root, download=download, data=data, collate=collate)
-    if model is None:
+    recorded = run.attrs.get("model") if isinstance(run.attrs.get("model"), dict) else {}
+    if model is None and config.model is None:
+        raise ConfigError(
+            f"{str(run.path)!r}: its model ({recorded.get('class', '?')}) was given by the "
+            "caller, so verify cannot build it: call verify(..., model=...) from Python with "
+            "a model of the same architecture"
+        )
+    if model is not None:
+        structure = describe_model(model)["structure"]
+        if recorded.get("structure") not in (None, structure):
+            raise ModelError(
+                f"{type(model).__name__} does not have the structure of the run's model "
+                f"({recorded.get('class', '?')}): other layers or layer settings"
+            )
+    else:
         model = build_model(
             ModelSpec(name=config.model, kwargs=config.model_kwargs),
             seed=config.seed,
@@ -118,20 +135,18 @@ def verify(
             mom.merge_all(results[s.index][info.name][c] for s in parts) for c in range(info.calls)
         )
         r = recorded[info.name]
-        t = mom.reduce_channels(pooled) if config.mode == "tensor" else pooled
-        off_std = (t.std - config.target_std).abs().max().item() > tol
-        off_mean = r.has_bias and t.mean.abs().max().item() > tol
-        if off_std or off_mean:
-            failures.append(info.name)
-        stats.append(
-            LayerStats(
-                name=info.name,
-                kind=info.kind,
-                passes=r.passes,
-                converged=r.converged,
-                has_bias=r.has_bias,
-                before=r.before,
-                after={split: pooled},
-            )
+        row = LayerStats(
+            name=info.name,
+            kind=info.kind,
+            passes=r.passes,
+            converged=r.converged,
+            has_bias=r.has_bias,
+            before=r.before,
+            after={split: pooled},
         )
+        if not row.on_target(split, mode=config.mode, target_std=config.target_std, tol=tol):
+            failures.append(info.name)
+        stats.append(row)
+    for module in model.modules():
+        refresh_weight_norm_(module)
     return Verification(split, config, tol, stats, failures)
