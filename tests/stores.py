@@ -44,6 +44,20 @@ def assert_same_bytes(a, b) -> None:
         assert value.tobytes() == right[key].tobytes(), key
 
 
+def store_files(path) -> list[str]:
+    """Every file of a store, relative to it (the partial-pass record and lock excepted)."""
+    from pathlib import Path
+
+    root = Path(path)
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.name != ".writer.lock"
+        and not p.relative_to(root).as_posix().startswith("partial/")
+    )
+
+
 def numerics(path) -> dict:
     """The numerics record of a store (its fingerprint, key and any mixed fingerprints)."""
     return dict(zarr.open_group(str(path), mode="r").attrs.get("numerics") or {})

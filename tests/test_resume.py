@@ -18,7 +18,7 @@ from lsuv_pipeline import RunConfig, compute
 from lsuv_pipeline.cli import cli
 from lsuv_pipeline.errors import StoreError
 from lsuv_pipeline.lock import LOCK_NAME, writer_lock
-from tests.stores import assert_same_bytes
+from tests.stores import assert_same_bytes, store_files
 
 DRIVER = Path(__file__).with_name("crash_driver.py")
 # 2400 train and 2400 test samples in 6 shards of 400: 6 shards per pass
@@ -71,6 +71,7 @@ def test_sigkill_anywhere_then_resume_gives_the_same_bytes(
     assert proc.returncode == 0, proc.stderr
     assert "(resumed)" in proc.stdout
     assert_same_bytes(out, reference[model])
+    assert store_files(out) == store_files(reference[model])  # no temporary file left either
     assert not (out / LOCK_NAME).exists()
 
 

@@ -10,7 +10,7 @@ from lsuv_pipeline import RunConfig, compute, load_init
 from lsuv_pipeline import moments as mom
 from lsuv_pipeline.cli import cli
 from lsuv_pipeline.data import DatasetSpec, open_source
-from lsuv_pipeline.errors import LayerError, OffTarget, StoreError
+from lsuv_pipeline.errors import DataError, LayerError, ModelError, OffTarget, StoreError
 from lsuv_pipeline.models import mj
 
 SMALL = dict(limit=1500, shard_size=512, batch_size=128)
@@ -423,3 +423,25 @@ def test_a_layer_off_target_after_the_solve_fails_the_run(tmp_path, data_root):
     assert info.value.result.off_target == ["b"]
     result = CliRunner().invoke(cli, ["show", str(out)])
     assert "train OFF TARGET by > 0.0001" in result.output
+
+
+def test_nan_in_the_held_out_data_is_an_error_naming_the_split_and_samples(tmp_path, data_root):
+    x = all_samples(data_root, 1200)
+    test = x.clone()
+    test[500, 0, 3, 3] = float("nan")
+    cfg = RunConfig(shard_size=400, batch_size=200, dataset="mine")
+    with pytest.raises(DataError, match=r"split 'test' of 'mine', samples 400..799: layer "
+                       r"'conv1' gives NaN or infinite outputs"):  # fmt: skip
+        compute(cfg, tmp_path / "n.zarr", model=mj(), data=torch.utils.data.TensorDataset(x),
+                holdout_data=torch.utils.data.TensorDataset(test), device="cpu")  # fmt: skip
+    x[900, 0, 0, 0] = float("inf")
+    with pytest.raises(DataError, match=r"split 'train' of 'mine', samples 800..1199"):
+        compute(cfg, tmp_path / "t.zarr", model=mj(), data=torch.utils.data.TensorDataset(x),
+                device="cpu")  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["mj", nn.Conv2d, 3])
+def test_a_model_that_is_not_a_module_is_a_model_error(tmp_path, data_root, model):
+    with pytest.raises(ModelError, match=r"must be a torch.nn.Module, got"):
+        compute(RunConfig(**SMALL), tmp_path / "m.zarr", model=model, data_root=data_root)
+    assert not (tmp_path / "m.zarr").exists()

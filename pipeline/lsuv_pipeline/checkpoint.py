@@ -21,7 +21,7 @@ from torch import nn
 
 from . import moments as mom
 from .config import RunConfig
-from .errors import StoreError
+from .errors import StoreError, write_error
 from .layers import LayerInfo
 from .report import LayerStats, format_table
 from .store import RunStore, layer_key
@@ -85,6 +85,10 @@ class Run:
         """The ``"initial"`` or ``"final"`` state dict."""
         return self._store.read_state(kind)
 
+    def check(self) -> None:
+        """Read every array of the store and check it (see :meth:`RunStore.check`)."""
+        self._store.check()
+
     def stats(self) -> list[LayerStats]:
         """Per-layer statistics as far as the run got."""
         return self._store.layer_stats()
@@ -122,6 +126,7 @@ def open_run(path: str | os.PathLike) -> Run:
         StoreError: Not a run store, another schema, or damaged metadata.
     """
     store = RunStore.open(resolve_checkpoint(path))
+    store.check_consistency()
     attrs = store.attrs
     try:
         config = RunConfig.from_dict(attrs["config"])
@@ -200,6 +205,7 @@ def load_init(
             f"{str(path)!r}: its verification found {len(off)} layer(s) off target "
             f"({', '.join(off)}); pass allow_off_target=True to load it anyway"
         )
+    store.check_consistency()
     state = store.read_state("final")
     _check_against(model, state, repr(str(path)), strict)
     own = model.state_dict()
@@ -219,15 +225,19 @@ def export(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     store = RunStore.open(path)
     if store.attrs.get("status") != "complete":
         raise StoreError(f"{str(path)!r} is not complete; nothing to export")
+    store.check_consistency()
     state = store.read_state("final")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    os.close(fd)
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+        os.close(fd)
         torch.save(state, tmp)
         os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as exc:
+        raise write_error(out, "the exported weights", exc) from None
+    finally:
+        if tmp is not None and Path(tmp).exists():
+            Path(tmp).unlink(missing_ok=True)
     return out

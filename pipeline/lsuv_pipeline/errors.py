@@ -6,6 +6,9 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 __all__ = [
     "ConfigError",
     "DataError",
@@ -15,7 +18,9 @@ __all__ = [
     "LsuvError",
     "ModelError",
     "OffTarget",
+    "ReadOnlyStore",
     "StoreError",
+    "write_error",
 ]
 
 
@@ -61,3 +66,25 @@ class ExecutorError(LsuvError):
 
 class Interrupted(LsuvError):
     """The run was stopped on request (Ctrl-C); its store resumes where it stopped."""
+
+
+class ReadOnlyStore(StoreError):
+    """A run store that cannot be written here (read-only file system, no permission)."""
+
+
+def write_error(path: Path, what: str, exc: OSError) -> StoreError:
+    """One line for an OS error while writing ``what`` into the store at ``path``."""
+    where = repr(str(path))
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(
+            f"no space left on the device of {where} while writing {what}; everything "
+            "finished before is kept there: free some space and rerun the same command "
+            "to resume"
+        )
+    if exc.errno == errno.EROFS:
+        return ReadOnlyStore(f"{where} is on a read-only file system (writing {what})")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return ReadOnlyStore(f"no permission to write {what} in {where}")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return StoreError(f"cannot create {where}: a part of the path is a file, not a folder")
+    return StoreError(f"cannot write {what} in {where}: {exc.strerror or exc}")

@@ -34,7 +34,7 @@ from torch import nn
 from . import moments as mom
 from .cache import ActivationCache, Segments, default_budget
 from .data import DatasetSpec, Shard, Source, open_source
-from .errors import ConfigError, ExecutorError, LsuvError
+from .errors import ConfigError, ExecutorError, LsuvError, ModelError
 from .layers import LayerInfo, capture, evaluating, solved_outputs
 from .numerics import fingerprint, numerics_differences, numerics_key, reproducible
 from .solve import Solution
@@ -475,7 +475,18 @@ class DaskExecutor(Executor):
     def _model(self, model: nn.Module):
         """The model's structure, sent once per run."""
         if self._model_key != id(model):
-            self._model_future = self._send(_Boxed(_cpu_copy(model)), "model")
+            import pickle
+
+            boxed = _Boxed(_cpu_copy(model))
+            try:
+                pickle.dumps(boxed)
+            except Exception as exc:
+                raise ModelError(
+                    f"{type(model).__name__} cannot be sent to the dask workers ("
+                    f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]}); run "
+                    "it inline (without --workers / --scheduler)"
+                ) from None
+            self._model_future = self._send(boxed, "model")
             self._model_key = id(model)
         return self._model_future
 
@@ -748,6 +759,31 @@ def quiet_dask_logs() -> Iterator[None]:
             logging.getLogger(n).setLevel(level)
 
 
+def _scheduler_address(path: str) -> str:
+    """The address in a scheduler file (``dask scheduler --scheduler-file``).
+
+    Raises:
+        ExecutorError: The file is missing, or is not a scheduler file.
+    """
+    import json
+
+    if not os.path.isfile(path):
+        raise ExecutorError(f"scheduler file {path!r} does not exist")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ExecutorError(f"scheduler file {path!r} cannot be read as JSON ({reason})") from None
+    address = info.get("address") if isinstance(info, dict) else None
+    if not isinstance(address, str) or "://" not in address:
+        raise ExecutorError(
+            f"scheduler file {path!r} is not a dask scheduler file (no 'address'); it is "
+            "written by 'dask scheduler --scheduler-file FILE'"
+        )
+    return address
+
+
 def _connect(workers, scheduler, scheduler_file, device_type, timeout) -> DaskExecutor:
     from distributed import Client
 
@@ -757,14 +793,11 @@ def _connect(workers, scheduler, scheduler_file, device_type, timeout) -> DaskEx
         cluster = _local_cluster(workers, device_type)
         return DaskExecutor(Client(cluster), cluster)
     where = scheduler or scheduler_file
-    if scheduler_file is not None and not os.path.isfile(scheduler_file):
-        raise ExecutorError(f"scheduler file {scheduler_file!r} does not exist")
+    if scheduler_file is not None:
+        scheduler = _scheduler_address(scheduler_file)
     try:
-        if scheduler is not None:
-            client = Client(scheduler, timeout=timeout)
-        else:
-            client = Client(scheduler_file=scheduler_file, timeout=timeout)
-    except (OSError, TimeoutError, ValueError) as exc:
+        client = Client(scheduler, timeout=timeout)
+    except (OSError, TimeoutError, ValueError, TypeError, AssertionError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExecutorError(f"cannot reach the dask scheduler at {where!r}: {reason}") from None
     executor = DaskExecutor(client)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import StoreError
+from .errors import StoreError, write_error
 
 __all__ = ["LOCK_NAME", "writer_lock"]
 
@@ -97,43 +97,74 @@ def _open_locked(path: Path, store: Path) -> int:
 def writer_lock(store: Path) -> Iterator[dict | None]:
     """Hold the writer lock of ``store`` for the duration of the block.
 
+    A folder this call had to create (with any parents) is removed again on exit if it
+    holds nothing but the lock then: a run that fails before writing its store leaves
+    nothing behind.
+
     Yields:
         The previous owner's record when a stale lock was taken over, else ``None``.
 
     Raises:
-        StoreError: Another live process holds the lock.
+        StoreError: Another live process holds the lock, or the folder cannot be created.
+        ReadOnlyStore: The folder cannot be written (read-only file system, permissions).
     """
     store = Path(store)
     path = store / LOCK_NAME
-    store.mkdir(parents=True, exist_ok=True)
-    fd = _open_locked(path, store)
+    created = [p for p in (store, *store.parents) if not p.exists()]
     try:
-        previous = _owner(path) or None
-        if previous is not None and _alive_elsewhere(previous, path):
-            raise StoreError(
-                f"{str(store)!r} is locked by {_describe(previous)}; if that process is "
-                f"gone, delete {str(path)!r}"
-            )
-        me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "start": _process_start(os.getpid()),
-            "since": time.time(),
-        }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
-        stop = threading.Event()
-        beat = threading.Thread(target=_heartbeat, args=(path, stop), daemon=True)
-        beat.start()
-        try:
-            yield previous
-        finally:
-            stop.set()
-            beat.join()
-            with contextlib.suppress(OSError):
-                path.unlink()  # a released lock leaves nothing behind
+        store.mkdir(parents=True, exist_ok=True)
+        fd = _open_locked(path, store)
+    except OSError as exc:
+        _remove_empty(created)
+        raise write_error(store, "its lock file", exc) from None
+    except BaseException:
+        _remove_empty(created)
+        raise
+    try:
+        yield from _held(fd, path, store)
     finally:
         os.close(fd)  # also drops the flock
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed start created, innermost first, while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (the store was written), or gone
+
+
+def _held(fd: int, path: Path, store: Path) -> Iterator[dict | None]:
+    """The body of :func:`writer_lock` once the flock is held."""
+    previous = _owner(path) or None
+    if previous is not None and _alive_elsewhere(previous, path):
+        raise StoreError(
+            f"{str(store)!r} is locked by {_describe(previous)}; if that process is "
+            f"gone, delete {str(path)!r}"
+        )
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "start": _process_start(os.getpid()),
+        "since": time.time(),
+    }
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+    except OSError as exc:
+        raise write_error(store, "its lock file", exc) from None
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(path, stop), daemon=True)
+    beat.start()
+    try:
+        yield previous
+    finally:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(OSError):
+            path.unlink()  # a released lock leaves nothing behind
 
 
 def _alive_elsewhere(owner: dict, path: Path) -> bool:

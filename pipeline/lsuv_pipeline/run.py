@@ -41,7 +41,15 @@ from . import moments as mom
 from .cache import Segments, Uncacheable, parse_size
 from .config import RunConfig
 from .data import DatasetSpec, Source, limited, open_source, resolve_root, source_from
-from .errors import ConfigError, Interrupted, LsuvError, OffTarget, StoreError
+from .errors import (
+    ConfigError,
+    DataError,
+    Interrupted,
+    LsuvError,
+    OffTarget,
+    ReadOnlyStore,
+    StoreError,
+)
 from .executors import (
     CachePlan,
     DaskExecutor,
@@ -280,19 +288,20 @@ def _short(value):
     return value
 
 
-def _check_out(out: Path) -> None:
-    """Refuse an ``out`` that exists but is neither a run store nor an empty folder."""
-    if out.exists() and not out.is_dir():
-        raise StoreError(f"{str(out)!r} exists and is not a folder; expected a run store")
-    if out.is_dir() and not (out / "zarr.json").exists():
-        others = [p.name for p in out.iterdir() if p.name != LOCK_NAME]
-        if others:
-            raise StoreError(
-                f"{str(out)!r} exists and is not a run store (it holds {', '.join(others[:3])}); "
-                "choose another --out"
+def check_finite(source: Source, shard, moments: dict[str, tuple[mom.Moments, ...]]) -> None:
+    """Stop at the first shard whose outputs are NaN or infinite, naming its samples.
+
+    Raises:
+        DataError: A layer's moments over the shard are not finite.
+    """
+    for name, calls in moments.items():
+        if not all(bool(torch.isfinite(m.mean).all() and torch.isfinite(m.m2).all())
+                   for m in calls):  # fmt: skip
+            raise DataError(
+                f"split {source.split!r} of {source.name!r}, samples {shard.start}.."
+                f"{shard.stop - 1}: layer {name or '(model)'!r} gives NaN or infinite outputs "
+                "(NaN or inf in those samples, or an overflow in an earlier layer)"
             )
-    if (out / "zarr.json").exists():
-        RunStore.open(out)  # a Zarr group of something else, or another schema: refuse
 
 
 class _Solver:
@@ -379,6 +388,7 @@ class _Solver:
             for shard, moments in self.executor.run_pass(
                 self.model, source, todo, plan, device=self.device, on_batch=self._advance
             ):
+                check_finite(source, shard, moments)
                 partial.put(shard.index, {keys[name]: m for name, m in moments.items()})
                 results[shard.index] = moments
         finally:
@@ -638,7 +648,7 @@ def compute(
     root = resolve_root(data_root) if data is None else Path(".")
     train, holdout = _open_sources(config, root, download, data, holdout_data, collate)
     out = Path(out)
-    _check_out(out)
+    exists = RunStore.check_out(out)
     if not given:
         model = build_model(
             ModelSpec(name=config.model, kwargs=config.model_kwargs),
@@ -666,30 +676,54 @@ def compute(
             allow_mixed=allow_mixed_hardware,
         )
     )
-    with writer_lock(out) as stale, _stop_on_sigint() as stop, executors as ex:
-        if isinstance(ex, DaskExecutor):
-            progress.note(f"{ex.description}; dashboard: {ex.dashboard}")
-        if stale:
-            progress.note(f"took over the lock of a writer that is gone (pid {stale.get('pid')})")
-        store = None
-        if (out / "zarr.json").exists():
-            store = RunStore.open(out, write=True)
-            differ = _differences(_stored_identity(store.attrs), identity)
-            if differ and not overwrite:
-                raise StoreError(
-                    f"{str(out)!r} holds a run of another configuration or dataset "
-                    f"({'; '.join(differ)}); pass --overwrite to replace it, or choose "
-                    "another --out"
+    try:
+        with writer_lock(out) as stale, _stop_on_sigint() as stop, executors as ex:
+            if isinstance(ex, DaskExecutor):
+                progress.note(f"{ex.description}; dashboard: {ex.dashboard}")
+            if stale:
+                progress.note(
+                    f"took over the lock of a writer that is gone (pid {stale.get('pid')})"
                 )
-            if differ:
-                RunStore.wipe(out, keep=(LOCK_NAME,))
-                store = None
-            elif store.attrs.get("status") == "complete":
+            store = _existing(out, identity, overwrite) if exists else None
+            if store is not None and store.attrs.get("status") == "complete":
                 return _up_to_date(store, model, config, dev)
-        execution = _Execution(
-            dev, ex, progress, stop, allow_tf32, cache, budget, allow_mixed_hardware
+            execution = _Execution(
+                dev, ex, progress, stop, allow_tf32, cache, budget, allow_mixed_hardware
+            )
+            return _solve(config, out, model, store, train, holdout, identity, execution)
+    except ReadOnlyStore:
+        # nothing can write here, so nothing is writing: a complete store of this very run
+        # is up to date without the lock; anything else needs a writable store
+        if exists:
+            store = RunStore.open(out)
+            complete = store.attrs.get("status") == "complete"
+            if complete and not _differences(_stored_identity(store.attrs), identity):
+                return _up_to_date(store, model, config, dev)
+        raise
+
+
+def _existing(out: Path, identity: dict, overwrite: bool) -> RunStore | None:
+    """Open the run store at ``out`` to resume it or find it up to date; ``None`` when it
+    was of another run (or damaged) and ``overwrite`` cleared it."""
+    try:
+        store = RunStore.open(out, write=True)
+    except ReadOnlyStore:
+        raise
+    except StoreError as exc:
+        if not overwrite:
+            raise StoreError(f"{exc}; pass --overwrite to replace it") from None
+        RunStore.wipe(out, keep=(LOCK_NAME,))
+        return None
+    differ = _differences(_stored_identity(store.attrs), identity)
+    if differ and not overwrite:
+        raise StoreError(
+            f"{str(out)!r} holds a run of another configuration or dataset "
+            f"({'; '.join(differ)}); pass --overwrite to replace it, or choose another --out"
         )
-        return _solve(config, out, model, store, train, holdout, identity, execution)
+    if differ:
+        RunStore.wipe(out, keep=(LOCK_NAME,))
+        return None
+    return store
 
 
 def _listing(plan: LayerPlan) -> str:

@@ -17,7 +17,7 @@ from .executors import Executor, InlineExecutor, PassPlan
 from .models import ModelSpec, build_model, describe_model
 from .progress import Progress, as_progress
 from .report import LayerStats, format_table
-from .run import keeps_callers_rng, open_split, resolve_device
+from .run import check_finite, keeps_callers_rng, open_split, resolve_device
 from .solve import refresh_weight_norm_
 
 __all__ = ["Verification", "verify"]
@@ -88,6 +88,7 @@ def verify(
         raise ConfigError(f"--tol must be a positive number, got {tol}")
     progress = as_progress(progress)
     run = open_run(source)
+    run.check()  # every array's checksum first: damage anywhere is found, not only here
     config = run.config
     dev = resolve_device(device)
     root = resolve_root(data_root) if data is None else Path(".")
@@ -125,6 +126,7 @@ def verify(
         for shard, moments in executor.run_pass(
             model, data, parts, plan, device=dev, on_batch=progress.advance
         ):
+            check_finite(data, shard, moments)
             results[shard.index] = moments
     finally:
         progress.pass_finished()
