@@ -9,10 +9,13 @@ from .config import RunConfig
 from .errors import (
     ConfigError,
     DataError,
+    ExecutorError,
     Interrupted,
     LayerError,
     LsuvError,
     ModelError,
+    OffTarget,
+    ReadOnlyStore,
     StoreError,
 )
 from .models import MJ, mj
@@ -23,10 +26,13 @@ __all__ = [
     "MJ",
     "ConfigError",
     "DataError",
+    "ExecutorError",
     "Interrupted",
     "LayerError",
     "LsuvError",
     "ModelError",
+    "OffTarget",
+    "ReadOnlyStore",
     "Run",
     "RunConfig",
     "RunResult",

@@ -345,6 +345,11 @@ def show(run: str, plot: str | None) -> None:
     click.echo(f"model     {_provenance(r.attrs.get('model'))}")
     cfg = r.config.to_dict()
     click.echo("config    " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    record = r.attrs.get("verification")
+    if isinstance(record, dict):
+        off = record.get("off_target") or []
+        verdict = f"OFF TARGET: {', '.join(off)}" if off else "every solved layer on target"
+        click.echo(f"verified  on {record.get('split')} at tol {record.get('tol'):g}: {verdict}")
     click.echo("")
     click.echo(r.table())
     if plot:
