@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 from lsuv_pipeline import RunConfig, compute
-from lsuv_pipeline.executors import PassPlan, measure_shard
 from lsuv_pipeline.layers import trace
 from lsuv_pipeline.models import ModelSpec, build_model
+from lsuv_pipeline.shard import PassPlan, measure_shard
 
 from . import baselines
 from .common import (

@@ -9,10 +9,11 @@ from torch.nn import functional as F
 from lsuv_pipeline import RunConfig, compute
 from lsuv_pipeline.cache import Segments, Uncacheable, parse_size
 from lsuv_pipeline.data import DatasetSpec, open_source, shards
-from lsuv_pipeline.executors import CachePlan, InlineExecutor, PassPlan, measure_shard
+from lsuv_pipeline.executors import InlineExecutor
 from lsuv_pipeline.layers import trace
 from lsuv_pipeline.models import mj
 from lsuv_pipeline.progress import Progress
+from lsuv_pipeline.shard import CachePlan, PassPlan, measure_shard
 from lsuv_pipeline.solve import Solution
 from tests.stores import assert_same_bytes
 
@@ -174,17 +175,22 @@ def test_no_host_sync_per_batch(monkeypatch, data_root):
     assert syncs == []
 
 
-def test_segments_refuse_shared_layers_and_sizes_parse():
+def test_segments_refuse_shared_layers():
     from tests.test_layers import SharedInSequence
 
     model = SharedInSequence()
     layers = trace(model, torch.randn(2, 1, 6, 6))
     with pytest.raises(Uncacheable, match="runs more than once"):
         Segments(model, layers)
-    assert parse_size("512MB") == 512 << 20 and parse_size("4GB") == 4 << 30
+
+
+def test_sizes_read_as_dask_reads_them_gb_is_decimal_gib_binary():
+    assert parse_size("512MB") == 512_000_000 and parse_size("4GB") == 4_000_000_000
+    assert parse_size("512MiB") == 512 << 20 and parse_size("4GiB") == 4 << 30
     assert parse_size("0") == 0 and parse_size("auto") is None and parse_size(123) == 123
-    with pytest.raises(ValueError, match="not a size"):
-        parse_size("lots")
+    for bad in ("lots", "-1", "-2GB", True):
+        with pytest.raises(ValueError, match="not a size"):
+            parse_size(bad)
 
 
 class TrainOnlyBranch(nn.Module):

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from lsuv_pipeline import RunConfig, compute
 from lsuv_pipeline.cli import cli
-from lsuv_pipeline.executors import DaskExecutor
+from lsuv_pipeline.cluster import DaskExecutor
 from lsuv_pipeline.progress import Progress
 from tests.stores import assert_same_bytes
 

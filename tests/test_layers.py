@@ -5,7 +5,8 @@ from torch.nn import functional as F
 
 from lsuv_pipeline import moments as mom
 from lsuv_pipeline.errors import ModelError
-from lsuv_pipeline.layers import capture, evaluating, trace
+from lsuv_pipeline.hooks import capture, evaluating
+from lsuv_pipeline.layers import trace
 
 
 class Reordered(nn.Module):

@@ -29,10 +29,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from dask.utils import parse_bytes
 from torch import fx, nn
 
 from . import moments as mom
-from .layers import LayerInfo, channel_dim, evaluating
+from .hooks import channel_dim, evaluating
+from .layers import LayerInfo
 from .solve import OutputMap, Solution, output_map, transform_output
 
 __all__ = [
@@ -240,22 +242,21 @@ class ActivationCache:
 
 
 def parse_size(text: str | int | None) -> int | None:
-    """Bytes from ``"4GB"``, ``"512MB"``, ``"0"`` or an int; ``None``/``"auto"`` is None."""
+    """Bytes from ``"4GB"`` (4e9), ``"4GiB"``, ``"512MB"``, ``"0"`` or an int, as
+    ``dask.utils.parse_bytes`` reads them; ``None`` / ``"auto"`` is ``None``.
+
+    Raises:
+        ValueError: Not a size, or a negative one.
+    """
     if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
         return None
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
-    s = text.strip().upper().replace("IB", "B")
-    number = s.rstrip("KMGTB")
-    unit = s[len(number) :]
     try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (use e.g. 512MB, 4GB, 0 or auto)") from None
-    if unit not in units or value < 0:
-        raise ValueError(f"not a size: {text!r} (use e.g. 512MB, 4GB, 0 or auto)")
-    return int(value * units[unit])
+        value = parse_bytes(text)
+    except (ValueError, TypeError):
+        value = -1
+    if isinstance(text, bool) or value < 0:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512MB, 4GiB, 0 or auto)")
+    return int(value)
 
 
 def default_budget(device: torch.device) -> int:

@@ -23,10 +23,11 @@ from . import moments as mom
 from .config import RunConfig
 from .errors import StoreError, write_error
 from .layers import LayerInfo
-from .report import LayerStats, format_table
-from .store import RunStore, layer_key
+from .report import LayerStats, format_table, plot_stats
+from .schema import Section
+from .store import RunStore
 
-__all__ = ["SHIPPED", "Run", "export", "load_init", "open_run", "resolve_checkpoint"]
+__all__ = ["SHIPPED", "Run", "check_fits", "export", "load_init", "open_run", "resolve_checkpoint"]
 
 #: Checkpoints that ship with the package, by name.
 SHIPPED = ("mnist-mj",)
@@ -69,7 +70,7 @@ class Run:
 
     def layer(self, name: str) -> dict:
         """One committed layer: ``before`` moments, ``scale``, ``shift`` and its attributes."""
-        record = self._store.read_layer(layer_key(name))
+        record = self._store.read_layer(name)
         return {
             "before": record.before,
             "scale": record.solution.scale,
@@ -79,7 +80,8 @@ class Run:
 
     def moments(self, section: str, name: str) -> mom.Moments:
         """Per-channel moments of a layer, e.g. ``moments("verify/test", "conv1")``."""
-        return self._store.read_moments(section, layer_key(name))
+        kind, _, split = section.partition("/")
+        return self._store.read_moments(Section(kind, split), name)
 
     def state(self, kind: str = "final") -> dict[str, torch.Tensor]:
         """The ``"initial"`` or ``"final"`` state dict."""
@@ -95,8 +97,6 @@ class Run:
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Draw per-layer mean and std before and after LSUV to a PNG; return its path."""
-        from .report import plot_stats
-
         splits = [s for s in (self.config.split, self.config.holdout) if s]
         title = (
             f"{self.attrs.get('model', {}).get('class', self.config.model)} on "
@@ -139,7 +139,12 @@ def open_run(path: str | os.PathLike) -> Run:
     return Run(store.path, config, status, layers, attrs, store)
 
 
-def _check_against(model: nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool):
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], where: str, strict: bool):
+    """Check a stored state dict fits ``model``: names (``strict``), shapes and dtypes.
+
+    Raises:
+        StoreError: Naming every name, shape or dtype that does not fit.
+    """
     own = model.state_dict()
     problems = []
     if strict:
@@ -207,7 +212,7 @@ def load_init(
         )
     store.check_consistency()
     state = store.read_state("final")
-    _check_against(model, state, repr(str(path)), strict)
+    check_fits(model, state, repr(str(path)), strict)
     own = model.state_dict()
     with torch.no_grad():
         for name, value in state.items():

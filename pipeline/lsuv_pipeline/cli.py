@@ -199,7 +199,7 @@ def cli() -> None:
     default="auto",
     show_default=True,
     metavar="SIZE",
-    help="Budget of the activation cache per process (e.g. 4GB; auto: half the free "
+    help="Budget of the activation cache per process (e.g. 4GB = 4e9 bytes, 4GiB; auto: half the free "
     "memory of the device). Shards past it are recomputed from the input.",
 )
 @click.option(

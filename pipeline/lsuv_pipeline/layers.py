@@ -1,4 +1,4 @@
-"""Target layers: which ones, in what order, and hooks that measure their outputs.
+"""Target layers: which ones, in what order, and which of them a run leaves and why.
 
 LSUV solves conv / linear layers first to last *in the order the forward pass reaches
 them*, which need not be the order they were registered in. :func:`trace` finds that order
@@ -6,39 +6,34 @@ with one forward pass on a couple of samples, counts how often each layer runs p
 and tells whether a later call of a shared layer consumes an earlier call's output (then a
 single pass cannot solve it exactly; see ``solve.py``).
 
-:func:`capture` installs forward hooks that reduce each output to per-channel moments right
-inside the hook, before any in-place op that follows the layer (``ReLU(inplace=True)``) can
-change it, and optionally stops the forward right after the layer being solved (early
-exit), so later layers are never computed.
+:func:`plan_layers` then decides, before the first pass, which of them a run solves and
+names every other one with its reason (left out by the options, a weight whose scale the
+solve cannot reach, a weight tied to another module). The hooks that measure them are in
+``hooks.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import moments as mom
 from .errors import ConfigError, ModelError
-from .solve import Mode, Solution, output_map, transform_output, weight_form
+from .hooks import evaluating, first_tensor
+from .solve import Mode, weight_form
 
 __all__ = [
     "TARGET_TYPES",
-    "Capture",
     "Follower",
     "LayerInfo",
     "LayerPlan",
     "Unsolved",
-    "capture",
-    "channel_dim",
-    "evaluating",
+    "out_channels",
     "plan_layers",
     "select",
-    "solved_outputs",
     "trace",
 ]
 
@@ -86,11 +81,6 @@ class LayerInfo:
         return cls(**d)
 
 
-def channel_dim(module: nn.Module) -> int:
-    """Return the output dimension that indexes channels: -1 for Linear, else 1."""
-    return -1 if isinstance(module, nn.Linear) else 1
-
-
 def out_channels(module: nn.Module) -> int:
     """Return the number of output channels (features) of a target layer."""
     if isinstance(module, nn.Linear):
@@ -98,28 +88,8 @@ def out_channels(module: nn.Module) -> int:
     return module.out_channels
 
 
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode; restore each one's own mode on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def _targets(model: nn.Module) -> dict[nn.Module, str]:
     return {m: name for name, m in model.named_modules() if isinstance(m, TARGET_TYPES)}
-
-
-def _first_tensor(value) -> torch.Tensor | None:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
@@ -149,13 +119,13 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
     calls: dict[nn.Module, list[tuple[torch.Tensor | None, torch.Tensor]]] = {}
 
     def hook(module, inputs, output):
-        out = _first_tensor(output)
+        out = first_tensor(output)
         if out is None:
             return
         if module not in calls:
             order.append(module)
             calls[module] = []
-        calls[module].append((_first_tensor(inputs), out))
+        calls[module].append((first_tensor(inputs), out))
 
     x = example.detach().clone()
     if x.is_floating_point():
@@ -209,30 +179,6 @@ def _calls_depend(calls: list[tuple[torch.Tensor | None, torch.Tensor]]) -> bool
     return False
 
 
-@contextlib.contextmanager
-def solved_outputs(model: nn.Module, solved: Sequence[tuple[str, Solution]]) -> Iterator[None]:
-    """Map each solved layer's output through its update (see ``solve.transform_output``).
-
-    Installed before any capture hook, so a capture on the same layer sees the mapped
-    output. Hooks are removed on exit.
-    """
-    handles = []
-    try:
-        for name, solution in solved:
-            module = model.get_submodule(name)
-            dim = channel_dim(module)
-            out_map = output_map(solution, module.weight.device, module.weight.dtype)
-
-            def hook(mod, inputs, output, out_map=out_map, dim=dim):
-                return transform_output(output, out_map, dim)
-
-            handles.append(module.register_forward_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def select(
     layers: Sequence[LayerInfo], include: Sequence[str] = (), exclude: Sequence[str] = ()
 ) -> list[LayerInfo]:
@@ -281,8 +227,12 @@ class Unsolved:
     position: int = 0
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "reason": self.reason,
-                "position": self.position}  # fmt: skip
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "reason": self.reason,
+            "position": self.position,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Unsolved:
@@ -310,16 +260,6 @@ class LayerPlan:
     layers: list[LayerInfo]
     unsolved: list[Unsolved]
     followers: list[Follower]
-
-
-def _holders(model: nn.Module) -> dict[int, list[tuple[str, str, nn.Module]]]:
-    """id(parameter) -> every (module name, parameter name, module) that holds it."""
-    out: dict[int, list[tuple[str, str, nn.Module]]] = {}
-    for name, module in model.named_modules():
-        for pname, p in module._parameters.items():
-            if p is not None:
-                out.setdefault(id(p), []).append((name, pname, module))
-    return out
 
 
 def plan_layers(
@@ -432,91 +372,3 @@ def _untieable(name, module, group, bias_holders, order, reasons) -> str | None:
     if leader in reasons:
         return f"weight tied to {leader!r}, which is not solved ({reasons[leader]})"
     return None
-
-
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass early; caught by :meth:`Capture.forward`."""
-
-
-class Capture:
-    """Hooked model whose forwards accumulate per-channel moments of named layers.
-
-    Attributes:
-        moments: Per layer name, the running per-channel moments of each call in a forward
-            (one entry for a layer called once), on the activations' device.
-    """
-
-    def __init__(self, model: nn.Module, stop_calls: int) -> None:
-        self.moments: dict[str, list[mom.Moments]] = {}
-        self._model = model
-        self._stop_calls = stop_calls
-        self._calls: dict[str, int] = {}
-
-    def forward(self, x: torch.Tensor) -> None:
-        """Run the model on ``x``, ending early after the stop layer's last call."""
-        self._calls.clear()
-        with contextlib.suppress(StopForward):
-            self._model(x)
-
-    def _call(self, name: str) -> int:
-        """Count a call of ``name`` in this forward; return its index."""
-        i = self._calls.get(name, 0)
-        self._calls[name] = i + 1
-        return i
-
-    def _add(self, name: str, call: int, part: mom.Moments) -> None:
-        per_call = self.moments.setdefault(name, [])
-        if call == len(per_call):
-            per_call.append(part)
-        else:
-            per_call[call] = mom.merge(per_call[call], part)
-
-
-@contextlib.contextmanager
-def capture(
-    model: nn.Module, layers: Sequence[LayerInfo], *, stop_after: LayerInfo | None = None
-) -> Iterator[Capture]:
-    """Hook ``layers`` so every forward adds their outputs' moments to the capture.
-
-    All calls of a shared layer are pooled. Moments are taken inside the hook, so in-place
-    ops after the layer cannot corrupt them. Hooks are removed on exit, even on error.
-
-    Args:
-        model: The model to run.
-        layers: Layers to measure.
-        stop_after: End each forward right after this layer's last call of the forward.
-
-    Yields:
-        A :class:`Capture`; call its ``forward`` per batch and read its ``moments``.
-    """
-    cap = Capture(model, stop_after.calls if stop_after is not None else 0)
-    measured = {info.name: info for info in layers}
-    hooked = dict(measured)
-    if stop_after is not None:
-        hooked.setdefault(stop_after.name, stop_after)
-
-    def make_hook(name: str, dim: int):
-        measure = name in measured
-        stop = stop_after is not None and name == stop_after.name
-
-        def hook(module, inputs, output):
-            out = _first_tensor(output)
-            if out is None:
-                return
-            call = cap._call(name)
-            if measure:
-                cap._add(name, call, mom.from_batch(out, dim))
-            if stop and call + 1 >= cap._stop_calls:
-                raise StopForward
-
-        return hook
-
-    handles = []
-    try:
-        for name in hooked:
-            module = model.get_submodule(name)
-            handles.append(module.register_forward_hook(make_hook(name, channel_dim(module))))
-        yield cap
-    finally:
-        for h in handles:
-            h.remove()

@@ -15,8 +15,7 @@ paper's) ``s`` and ``m`` are scalars pooled over channels; in ``"channel"`` mode
 output channel. A layer without bias gets the scale only; its mean ``m / s`` remains.
 
 A shared layer called twice in a row (its second input depends on its first output) is not
-linear in the update, so one step is not exact; :class:`Refinement` iterates it with
-Anderson-accelerated steps on ``log s`` and on the shift.
+linear in the update, so one step is not exact; ``refine.py`` iterates it.
 
 Where the update goes: a plain ``weight`` parameter is divided by ``s``; a weight-normalized
 one (``W = g v / ||v||``, either of torch's two ``weight_norm``) has its magnitude ``g``
@@ -47,7 +46,6 @@ from .errors import LayerError
 __all__ = [
     "Mode",
     "OutputMap",
-    "Refinement",
     "Residual",
     "Solution",
     "WeightForm",
@@ -405,74 +403,3 @@ def orthogonal_(
         norms = v.norm() if form.dim == -1 else torch.norm_except_dim(v, 2, form.dim)
         form.magnitude.copy_(norms.reshape(form.magnitude.shape))
     return modules
-
-
-class Refinement:
-    """Iterate the update of a layer whose calls feed each other until it converges.
-
-    Parametrize the layer by its total update relative to the weights before its solve:
-    ``x = (log scale, shift)`` per channel (or one pair in tensor mode). The plain LSUV
-    repeat is the fixed-point step ``x <- x + F(x)`` with ``F = (log(std / target),
-    mean * scale)``, which converges only linearly here: it halves the error per pass when
-    a conv is applied twice in a row. Anderson acceleration (Anderson 1965; Walker & Ni
-    2011) combines the last few steps by least squares so that their residuals cancel; for
-    a linear map it is GMRES, and in practice it reaches 1e-4 in a few passes, channels
-    coupled or not.
-    """
-
-    def __init__(
-        self,
-        first: Solution,
-        before: mom.Moments,
-        *,
-        mode: Mode,
-        target_std: float,
-        has_bias: bool,
-        memory: int = 5,
-    ):
-        self.mode = mode
-        self.target_std = target_std
-        self.has_bias = has_bias
-        self.memory = memory
-        self._shape = first.scale.shape
-        zero = torch.zeros(first.scale.numel(), dtype=torch.float64)
-        x0 = torch.cat([zero, zero])
-        self._x = [x0]
-        self._f = [self._residual(x0, before)]
-        self._x.append(torch.cat([first.scale.log().flatten(), first.shift.flatten()]))
-
-    def _residual(self, x: torch.Tensor, measured: mom.Moments) -> torch.Tensor:
-        v = _view(measured, self.mode)
-        n = x.numel() // 2
-        r_log_std = (v.std.cpu() / self.target_std).log().flatten()
-        r_shift = v.mean.cpu().flatten() * x[:n].exp() if self.has_bias else torch.zeros(n)
-        return torch.cat([r_log_std, r_shift.to(torch.float64)])
-
-    @property
-    def solution(self) -> Solution:
-        """The current total update."""
-        x = self._x[-1]
-        n = x.numel() // 2
-        return Solution(scale=x[:n].exp().reshape(self._shape), shift=x[n:].reshape(self._shape))
-
-    def step(self, measured: mom.Moments) -> Solution:
-        """Take the next step from the output moments measured with the current solution.
-
-        Args:
-            measured: Per-channel moments of the output after applying :attr:`solution`.
-
-        Returns:
-            The next total update.
-        """
-        x = self._x[-1]
-        f = self._residual(x, measured)
-        self._f.append(f)
-        xs = torch.stack(self._x[-self.memory - 1 :], dim=1)  # (D, k + 1)
-        fs = torch.stack(self._f[-self.memory - 1 :], dim=1)
-        dx, df = xs.diff(dim=1), fs.diff(dim=1)  # (D, k)
-        gamma = torch.linalg.lstsq(df, f.unsqueeze(1), driver="gelsd").solution.flatten()
-        nxt = x + f - (dx + df) @ gamma
-        if not torch.isfinite(nxt).all():
-            nxt = x + f  # the plain step
-        self._x.append(nxt)
-        return self.solution

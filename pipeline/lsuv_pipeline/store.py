@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import shutil
 import uuid
@@ -48,36 +46,33 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
 from . import moments as mom
-from .errors import ConfigError, StoreError, write_error
+from .errors import StoreError, write_error
 from .layers import Unsolved
+from .lock import LOCK_NAME
 from .report import LayerStats, with_unsolved
+from .schema import SCHEMA, TOOL, Section, check_root, layer_key
 from .solve import Solution
 
-__all__ = ["SCHEMA", "LayerRecord", "Partial", "RunStore", "layer_key", "versions"]
+__all__ = ["LayerRecord", "Partial", "RunStore"]
 
-SCHEMA = 1
-TOOL = "lsuv-pipeline"
-
-_TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float16, torch.bfloat16, torch.float32, torch.float64,
-    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
-)}  # fmt: skip
-
-
-def layer_key(name: str) -> str:
-    """Return the group key of a layer: its module name (``"(model)"`` for the root)."""
-    return name or "(model)"
-
-
-def versions() -> dict[str, str]:
-    """Return the versions of the libraries that determine a run's numbers."""
-    out = {"python": platform.python_version()}
-    for dist in ("lsuv-pipeline", "torch", "torchvision", "numpy", "zarr", "dask", "distributed"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[dist] = importlib.metadata.version(dist)
-    return out
+_TORCH_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+        torch.bool,
+    )
+}
 
 
 def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
@@ -90,24 +85,25 @@ def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
 
 #: torch dtype name -> the numpy dtype its bytes are stored as.
 _STORED_AS = {
-    **{name: np.dtype(name) for name in ("float16", "float32", "float64", "int8", "int16",
-                                          "int32", "int64", "uint8", "bool")},
+    **{
+        name: np.dtype(name)
+        for name in (
+            "float16",
+            "float32",
+            "float64",
+            "int8",
+            "int16",
+            "int32",
+            "int64",
+            "uint8",
+            "bool",
+        )
+    },
     "bfloat16": np.dtype("int16"),
-}  # fmt: skip
+}
 
 #: Zarr's temporary files (``<name>.<uuid hex>.partial``), renamed into place when written.
 _ZARR_TEMP = re.compile(r"\.[0-9a-f]{32}\.partial$")
-
-#: The root attributes a reader relies on, and the JSON type each must have.
-_ROOT_TYPES = {
-    "config": dict,
-    "dataset": dict,
-    "model": dict,
-    "layers": list,
-    "status": str,
-}
-_LAYER_TYPES = {"name": str, "kind": str, "calls": int, "dependent": bool, "channels": int,
-                "key": str}  # fmt: skip
 
 
 def _reason(exc: BaseException) -> str:
@@ -151,8 +147,6 @@ class RunStore:
             StoreError: ``path`` is a file, a folder of other things, or a Zarr group or a
                 store this version does not write (another tool, another schema).
         """
-        from .lock import LOCK_NAME
-
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise StoreError(f"{str(path)!r} exists and is not a folder; expected a run store")
@@ -195,8 +189,6 @@ class RunStore:
     @classmethod
     def create(cls, path: str | Path, attrs: Mapping) -> RunStore:
         """Create a new run store at ``path`` (which must not exist) with root ``attrs``."""
-        import zarr
-
         path = Path(path)
         if (path / "zarr.json").exists():
             raise StoreError(f"{str(path)!r} already exists")
@@ -215,14 +207,12 @@ class RunStore:
         Raises:
             StoreError: Not a run store of ours, another schema, or damaged root metadata.
         """
-        import zarr
-
         path = Path(path)
         if not (path / "zarr.json").is_file():
             what = "does not exist" if not path.exists() else "is not a Zarr group"
             raise StoreError(f"{str(path)!r} {what}; expected a run store written by {TOOL}")
         attrs = cls._root_attrs(path)
-        _check_root(path, attrs)
+        check_root(path, attrs)
         try:
             group = zarr.open_group(str(path), mode="r+" if write else "r", zarr_format=3)
         except Exception as exc:
@@ -377,17 +367,17 @@ class RunStore:
         n = int(count.flatten()[0]) if count.numel() else 0
         return mom.Moments(count=n, mean=mean, m2=var * n)
 
-    def write_moments(self, section: str, key: str, m: mom.Moments) -> None:
-        """Write one layer's per-channel moments under ``section/key`` (e.g. verify/train)."""
-        where = f"{section}/{key}"
+    def write_moments(self, section: Section, name: str, m: mom.Moments) -> None:
+        """Write one layer's per-channel moments in ``section`` (e.g. verify on train)."""
+        where = f"{section.path}/{layer_key(name)}"
         group = self._sub(where, create=True)
         self._put_moments(group, m)
         with self._writing(f"group {where}"):
             group.attrs.update({"complete": True})
 
-    def read_moments(self, section: str, key: str) -> mom.Moments:
+    def read_moments(self, section: Section, name: str) -> mom.Moments:
         """Read moments written by :meth:`write_moments`."""
-        where = f"{section}/{key}"
+        where = f"{section.path}/{layer_key(name)}"
         if not self._sub(where).attrs.get("complete"):
             raise StoreError(f"{str(self.path)!r}: {where!r} was not completely written")
         return self._get_moments(where)
@@ -395,9 +385,10 @@ class RunStore:
     # -- layers ------------------------------------------------------------------
 
     def commit_layer(
-        self, key: str, before: mom.Moments, solution: Solution, attrs: Mapping
+        self, name: str, before: mom.Moments, solution: Solution, attrs: Mapping
     ) -> None:
         """Write a solved layer; the ``committed`` marker goes last."""
+        key = layer_key(name)
         where = f"layers/{key}"
         group = self._sub(where, create=True)
         self._put_moments(group, before)
@@ -406,12 +397,13 @@ class RunStore:
         with self._writing(f"layer {key}"):
             group.attrs.update({**attrs, "committed": True})
 
-    def committed(self, key: str) -> bool:
+    def committed(self, name: str) -> bool:
         """Whether the layer's commit marker is written."""
-        return self._flag(f"layers/{key}", "committed")
+        return self._flag(f"layers/{layer_key(name)}", "committed")
 
-    def read_layer(self, key: str) -> LayerRecord:
+    def read_layer(self, name: str) -> LayerRecord:
         """Read a committed layer."""
+        key = layer_key(name)
         where = f"layers/{key}"
         attrs = dict(self._sub(where).attrs)
         if not attrs.get("committed"):
@@ -439,7 +431,7 @@ class RunStore:
             )
         if attrs["status"] != "complete":
             return
-        missing = [k for k in keys if not self.committed(k)]
+        missing = [d["name"] for d in attrs["layers"] if not self.committed(d["name"])]
         if missing:
             raise StoreError(
                 f"{str(self.path)!r} is marked complete but layer(s) {', '.join(missing[:5])} "
@@ -485,17 +477,17 @@ class RunStore:
         split, holdout = config.get("split", "train"), config.get("holdout")
         out = []
         for info in attrs.get("layers", []):
-            key = info["key"]
-            solved = self.committed(key)
-            la = dict(self._node(f"layers/{key}").attrs) if solved else {}
-            section = f"before/{split}"
+            name = info["name"]
+            solved = self.committed(name)
+            la = dict(self._node(f"layers/{info['key']}").attrs) if solved else {}
+            section = Section("before", split)
             before = (
-                self.read_moments(section, key) if self.section_complete(section, [key]) else None
+                self.read_moments(section, name) if self.section_complete(section, [name]) else None
             )
             after = {
-                sp: self.read_moments(f"verify/{sp}", key)
+                sp: self.read_moments(Section("verify", sp), name)
                 for sp in (split, holdout)
-                if sp and self.section_complete(f"verify/{sp}", [key])
+                if sp and self.section_complete(Section("verify", sp), [name])
             }
             out.append(
                 LayerStats(
@@ -519,16 +511,18 @@ class RunStore:
         Args:
             pass_id: Identifies the pass (layer and pass number, or verify split).
             n_shards: Shards in the pass.
-            layers: ``(key, calls, channels)`` of every layer the pass measures.
+            layers: ``(name, calls, channels)`` of every layer the pass measures.
         """
-        spec = {"pass_id": pass_id, "shards": n_shards, "layers": [list(x) for x in layers]}
+        keyed = [(layer_key(name), calls, channels) for name, calls, channels in layers]
+        spec = {"pass_id": pass_id, "shards": n_shards, "layers": [list(x) for x in keyed]}
+        names = {layer_key(name): name for name, _, _ in layers}
         if self.has("partial"):
             group = self._node("partial")
             if {k: group.attrs.get(k) for k in spec} == spec:
-                return Partial(group, layers, self._writing)
+                return Partial(group, keyed, names, self._writing)
         with self._writing("the partial-pass record"):
             group = self._group.create_group("partial", overwrite=True)
-            for key, calls, channels in layers:
+            for key, calls, channels in keyed:
                 sub = group.create_group(key)
                 for name, shape, dtype in (
                     ("count", (n_shards, calls), "int64"),
@@ -538,10 +532,11 @@ class RunStore:
                     sub.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=dtype)
             group.create_array("done", shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0)
             group.attrs.update(spec)  # last: a partial group with these attrs is usable
-        return Partial(group, layers, self._writing)
+        return Partial(group, keyed, names, self._writing)
 
-    def write_pass(self, key: str, index: int, calls: tuple[mom.Moments, ...]) -> None:
+    def write_pass(self, name: str, index: int, calls: tuple[mom.Moments, ...]) -> None:
         """Record the merged per-call moments of pass ``index`` of an iterated layer."""
+        key = layer_key(name)
         group = self._sub(f"passes/{key}/{index}", create=True)
         self._put(group, "count", torch.tensor([c.count for c in calls], dtype=torch.int64))
         self._put(group, "mean", torch.stack([c.mean for c in calls]))
@@ -549,17 +544,17 @@ class RunStore:
         with self._writing(f"group passes/{key}/{index}"):
             group.attrs.update({"complete": True})
 
-    def read_pass(self, key: str, index: int) -> tuple[mom.Moments, ...] | None:
+    def read_pass(self, name: str, index: int) -> tuple[mom.Moments, ...] | None:
         """The moments :meth:`write_pass` recorded, or ``None`` if that pass did not finish."""
-        where = f"passes/{key}/{index}"
+        where = f"passes/{layer_key(name)}/{index}"
         if not self._flag(where, "complete"):
             return None
         count, mean, m2 = (self._get(f"{where}/{n}") for n in ("count", "mean", "m2"))
         return tuple(mom.Moments(int(n), mu, q) for n, mu, q in zip(count, mean, m2, strict=True))
 
-    def section_complete(self, section: str, keys: list[str]) -> bool:
-        """Whether every layer of a moments section (e.g. ``verify/train``) was written."""
-        return all(self._flag(f"{section}/{k}", "complete") for k in keys)
+    def section_complete(self, section: Section, names: list[str]) -> bool:
+        """Whether every named layer of a moments section was written."""
+        return all(self._flag(f"{section.path}/{layer_key(n)}", "complete") for n in names)
 
     def finish(self) -> None:
         """Drop the partial-pass record and mark the run complete (the last write)."""
@@ -591,49 +586,16 @@ def _sweep_temp_files(path: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _check_root(path: Path, attrs: dict) -> None:
-    """Check the root attributes a reader relies on have the types of the schema."""
-
-    def damaged(key: str, expected: str, value) -> StoreError:
-        got = type(value).__name__ if key in attrs else "nothing"
-        return StoreError(
-            f"{str(path)!r}: root attribute {key!r} is damaged (expected {expected}, got {got})"
-        )
-
-    for key, kind in _ROOT_TYPES.items():
-        if not isinstance(attrs.get(key), kind):
-            raise damaged(key, f"a JSON {kind.__name__}", attrs.get(key))
-    if attrs["status"] not in ("running", "complete"):
-        raise damaged("status", "'running' or 'complete'", attrs["status"])
-    if not attrs["layers"]:
-        raise damaged("layers", "a non-empty list of layers", attrs["layers"])
-    for layer in attrs["layers"]:
-        if not isinstance(layer, dict) or any(
-            type(layer.get(k)) is not t for k, t in _LAYER_TYPES.items()
-        ):
-            raise damaged("layers", "a list of layer records", layer)
-    for key in ("holdout", "numerics", "verification"):
-        if attrs.get(key) is not None and not isinstance(attrs[key], dict):
-            raise damaged(key, "a JSON object or null", attrs[key])
-    unsolved = attrs.get("unsolved", [])
-    if not isinstance(unsolved, list) or not all(isinstance(u, dict) for u in unsolved):
-        raise damaged("unsolved", "a list of layer records", unsolved)
-    from .config import RunConfig
-
-    try:
-        RunConfig.from_dict(attrs["config"])
-    except (ConfigError, TypeError) as exc:
-        raise StoreError(f"{str(path)!r}: root attribute 'config' is damaged ({exc})") from None
-
-
 class Partial:
     """The per-shard moments of the pass in progress, one Zarr chunk per shard.
 
+    Layers are named by module name in and out; their groups are their keys.
     ``writing(what)`` is the store's write guard: every shard is written through it.
     """
 
-    def __init__(self, group, layers: list[tuple[str, int, int]], writing) -> None:
+    def __init__(self, group, layers: list[tuple[str, int, int]], names: dict, writing) -> None:
         self._layers = layers
+        self._names = names  # key -> layer name
         self._writing = writing
         # opened once: looking an array up in its group reads its metadata from disk, which
         # cost more than the writes themselves (about 1 ms each, 10 per shard)
@@ -652,11 +614,14 @@ class Partial:
         for key, _, _ in self._layers:
             count, mean, m2 = (np.asarray(a[...]) for a in self._arrays[key])
             for i in finished:
-                out[i][key] = tuple(
-                    mom.Moments(int(count[i, c]), torch.from_numpy(mean[i, c].copy()),
-                                torch.from_numpy(m2[i, c].copy()))
+                out[i][self._names[key]] = tuple(
+                    mom.Moments(
+                        int(count[i, c]),
+                        torch.from_numpy(mean[i, c].copy()),
+                        torch.from_numpy(m2[i, c].copy()),
+                    )
                     for c in range(count.shape[1])
-                )  # fmt: skip
+                )
         return out
 
     def put(self, index: int, moments: dict[str, tuple[mom.Moments, ...]]) -> None:
@@ -664,7 +629,7 @@ class Partial:
         with self._writing(f"the record of shard {index}"):
             for key, calls, _ in self._layers:
                 count, mean, m2 = self._arrays[key]
-                parts = moments[key]
+                parts = moments[self._names[key]]
                 if len(parts) != calls:
                     raise StoreError(
                         f"layer {key!r}: expected {calls} calls per forward, got {len(parts)}"

@@ -1,5 +1,5 @@
-"""Verification of a finished run: every layer's output statistics over a split, measured
-from scratch with the stored final weights."""
+"""Verification of a finished run: check every array of its store, then measure every
+layer's output statistics over a split, from scratch, with the stored final weights."""
 
 from __future__ import annotations
 
@@ -10,14 +10,17 @@ import torch
 from torch import nn
 
 from . import moments as mom
+from .checkpoint import load_init, open_run
 from .config import RunConfig
+from .context import keeps_callers_rng, model_for, open_split, resolve_device
 from .data import resolve_root
 from .errors import ConfigError, ModelError
-from .executors import Executor, InlineExecutor, PassPlan
-from .models import ModelSpec, build_model, describe_model
+from .executors import Executor, InlineExecutor
+from .models import describe_model
+from .passes import PassContext, run_pass
 from .progress import Progress, as_progress
 from .report import LayerStats, format_table
-from .run import check_finite, keeps_callers_rng, open_split, resolve_device
+from .shard import PassPlan
 from .solve import refresh_weight_norm_
 
 __all__ = ["Verification", "verify"]
@@ -30,7 +33,8 @@ class Verification:
     Attributes:
         split: The split measured.
         layers: Per-layer statistics (``after[split]`` holds the measurement).
-        failures: Layers whose |mean| (layers with bias) or |std - target| exceeds the tolerance.
+        failures: Layers off target within ``tol`` (``solve.residual``'s rule: std, and the
+            mean of a layer with a bias, per channel in channel mode).
     """
 
     split: str
@@ -54,6 +58,27 @@ class Verification:
         )
 
 
+def _model(run, model: nn.Module | None, data) -> nn.Module:
+    """The model to load the run's weights into: the caller's (of the run's structure), or
+    the one the run's config names."""
+    recorded = run.attrs.get("model") if isinstance(run.attrs.get("model"), dict) else {}
+    if model is None and run.config.model is None:
+        raise ConfigError(
+            f"{str(run.path)!r}: its model ({recorded.get('class', '?')}) was given by the "
+            "caller, so verify cannot build it: call verify(..., model=...) from Python with "
+            "a model of the same architecture"
+        )
+    if model is not None:
+        structure = describe_model(model)["structure"]
+        if recorded.get("structure") not in (None, structure):
+            raise ModelError(
+                f"{type(model).__name__} does not have the structure of the run's model "
+                f"({recorded.get('class', '?')}): other layers or layer settings"
+            )
+        return model
+    return model_for(run.config, None, data)[0]
+
+
 @keeps_callers_rng
 def verify(
     source: str | Path,
@@ -69,7 +94,7 @@ def verify(
     executor: Executor | None = None,
     progress: Progress | bool = False,
 ) -> Verification:
-    """Measure every layer of a finished run's final weights over a split, from scratch.
+    """Check a finished run's store, then measure every layer of its final weights.
 
     Args:
         source: A run store path or a shipped checkpoint's name.
@@ -81,71 +106,32 @@ def verify(
 
     Returns:
         A :class:`Verification`; ``ok`` is false when some layer misses ``tol``.
-    """
-    from .checkpoint import load_init, open_run
 
+    Raises:
+        StoreError: A damaged array anywhere in the store (every one is read first).
+    """
     if not (tol > 0):
         raise ConfigError(f"--tol must be a positive number, got {tol}")
-    progress = as_progress(progress)
     run = open_run(source)
     run.check()  # every array's checksum first: damage anywhere is found, not only here
     config = run.config
     dev = resolve_device(device)
     root = resolve_root(data_root) if data is None else Path(".")
     data = open_split(config, split, root=root, download=download, data=data, collate=collate)
-    recorded = run.attrs.get("model") if isinstance(run.attrs.get("model"), dict) else {}
-    if model is None and config.model is None:
-        raise ConfigError(
-            f"{str(run.path)!r}: its model ({recorded.get('class', '?')}) was given by the "
-            "caller, so verify cannot build it: call verify(..., model=...) from Python with "
-            "a model of the same architecture"
-        )
-    if model is not None:
-        structure = describe_model(model)["structure"]
-        if recorded.get("structure") not in (None, structure):
-            raise ModelError(
-                f"{type(model).__name__} does not have the structure of the run's model "
-                f"({recorded.get('class', '?')}): other layers or layer settings"
-            )
-    else:
-        model = build_model(
-            ModelSpec(name=config.model, kwargs=config.model_kwargs),
-            seed=config.seed,
-            in_channels=data.sample_shape[0],
-            num_classes=data.num_classes or 10,
-        )
+    model = _model(run, model, data)
     load_init(model, run.path)
     model.to(dev)
-    layers = run.layers
-    executor = executor or InlineExecutor()
-    plan = PassPlan(tuple(layers), None, config.batch_size)
-    parts = data.shards(config.shard_size)
-    results = {}
-    progress.pass_started(f"verify {split}", data.count)
-    try:
-        for shard, moments in executor.run_pass(
-            model, data, parts, plan, device=dev, on_batch=progress.advance
-        ):
-            check_finite(data, shard, moments)
-            results[shard.index] = moments
-    finally:
-        progress.pass_finished()
-    stats, failures = [], []
+    ctx = PassContext(executor or InlineExecutor(), model, dev, config.shard_size,
+                      as_progress(progress))  # fmt: skip
+    plan = PassPlan(tuple(run.layers), None, config.batch_size)
+    measured = run_pass(ctx, data, plan, label=f"verify {split}")
     recorded = {s.name: s for s in run.stats()}
-    for info in layers:
-        pooled = mom.merge_all(
-            mom.merge_all(results[s.index][info.name][c] for s in parts) for c in range(info.calls)
-        )
+    stats, failures = [], []
+    for info in run.layers:
         r = recorded[info.name]
-        row = LayerStats(
-            name=info.name,
-            kind=info.kind,
-            passes=r.passes,
-            converged=r.converged,
-            has_bias=r.has_bias,
-            before=r.before,
-            after={split: pooled},
-        )
+        row = LayerStats(name=info.name, kind=info.kind, passes=r.passes, converged=r.converged,
+                         has_bias=r.has_bias, before=r.before,
+                         after={split: mom.merge_all(measured[info.name])})  # fmt: skip
         if not row.on_target(split, mode=config.mode, target_std=config.target_std, tol=tol):
             failures.append(info.name)
         stats.append(row)

@@ -1,0 +1,170 @@
+"""Hooks on a model's target layers: measure their outputs, map them, stop early.
+
+:func:`capture` installs forward hooks that reduce each output to per-channel moments right
+inside the hook, before any in-place op that follows the layer (``ReLU(inplace=True)``) can
+change it, and optionally stops the forward right after the layer being solved (early
+exit), so later layers are never computed. :func:`solved_outputs` maps the outputs of
+layers solved so far through their updates. Every hook is removed on exit, even on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from . import moments as mom
+from .solve import Solution, output_map, transform_output
+
+if TYPE_CHECKING:  # layers.py imports this module; the type is for readers only
+    from .layers import LayerInfo
+
+__all__ = [
+    "Capture",
+    "StopForward",
+    "capture",
+    "channel_dim",
+    "evaluating",
+    "first_tensor",
+    "solved_outputs",
+]
+
+
+def channel_dim(module: nn.Module) -> int:
+    """Return the output dimension that indexes channels: -1 for Linear, else 1."""
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode; restore each one's own mode on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def first_tensor(value) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+@contextlib.contextmanager
+def solved_outputs(model: nn.Module, solved: Sequence[tuple[str, Solution]]) -> Iterator[None]:
+    """Map each solved layer's output through its update (see ``solve.transform_output``).
+
+    Installed before any capture hook, so a capture on the same layer sees the mapped
+    output. Hooks are removed on exit.
+    """
+    handles = []
+    try:
+        for name, solution in solved:
+            module = model.get_submodule(name)
+            dim = channel_dim(module)
+            out_map = output_map(solution, module.weight.device, module.weight.dtype)
+
+            def hook(mod, inputs, output, out_map=out_map, dim=dim):
+                return transform_output(output, out_map, dim)
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early; caught by :meth:`Capture.forward`."""
+
+
+class Capture:
+    """Hooked model whose forwards accumulate per-channel moments of named layers.
+
+    Attributes:
+        moments: Per layer name, the running per-channel moments of each call in a forward
+            (one entry for a layer called once), on the activations' device.
+    """
+
+    def __init__(self, model: nn.Module, stop_calls: int) -> None:
+        self.moments: dict[str, list[mom.Moments]] = {}
+        self._model = model
+        self._stop_calls = stop_calls
+        self._calls: dict[str, int] = {}
+
+    def forward(self, x: torch.Tensor) -> None:
+        """Run the model on ``x``, ending early after the stop layer's last call."""
+        self._calls.clear()
+        with contextlib.suppress(StopForward):
+            self._model(x)
+
+    def _call(self, name: str) -> int:
+        """Count a call of ``name`` in this forward; return its index."""
+        i = self._calls.get(name, 0)
+        self._calls[name] = i + 1
+        return i
+
+    def _add(self, name: str, call: int, part: mom.Moments) -> None:
+        per_call = self.moments.setdefault(name, [])
+        if call == len(per_call):
+            per_call.append(part)
+        else:
+            per_call[call] = mom.merge(per_call[call], part)
+
+
+@contextlib.contextmanager
+def capture(
+    model: nn.Module, layers: Sequence[LayerInfo], *, stop_after: LayerInfo | None = None
+) -> Iterator[Capture]:
+    """Hook ``layers`` so every forward adds their outputs' moments to the capture.
+
+    All calls of a shared layer are pooled. Moments are taken inside the hook, so in-place
+    ops after the layer cannot corrupt them. Hooks are removed on exit, even on error.
+
+    Args:
+        model: The model to run.
+        layers: Layers to measure.
+        stop_after: End each forward right after this layer's last call of the forward.
+
+    Yields:
+        A :class:`Capture`; call its ``forward`` per batch and read its ``moments``.
+    """
+    cap = Capture(model, stop_after.calls if stop_after is not None else 0)
+    measured = {info.name: info for info in layers}
+    hooked = dict(measured)
+    if stop_after is not None:
+        hooked.setdefault(stop_after.name, stop_after)
+
+    def make_hook(name: str, dim: int):
+        measure = name in measured
+        stop = stop_after is not None and name == stop_after.name
+
+        def hook(module, inputs, output):
+            out = first_tensor(output)
+            if out is None:
+                return
+            call = cap._call(name)
+            if measure:
+                cap._add(name, call, mom.from_batch(out, dim))
+            if stop and call + 1 >= cap._stop_calls:
+                raise StopForward
+
+        return hook
+
+    handles = []
+    try:
+        for name in hooked:
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_hook(make_hook(name, channel_dim(module))))
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()
