@@ -10,6 +10,8 @@ POINT is where to kill, N which occurrence:
     final     after the N-th array of the final weights is written
     status    just before the run is marked complete
     pass      when the N-th pass starts (its shard record opened, nothing submitted yet)
+    sigint    right after the N-th shard is recorded, send this process SIGINT (as Ctrl-C
+              does) once, and go on
 
 With ``$CRASH_DRIVER_KILL_PID`` set, that process is killed instead (a dask scheduler, say)
 and the run goes on, to show what it makes of the loss.
@@ -24,7 +26,7 @@ import sys
 from torch import nn
 from torch.nn import functional as F
 
-from lsuv_pipeline import models, store
+from lsuv_pipeline import models, partial, store
 
 
 class Twice(nn.Module):
@@ -49,13 +51,14 @@ seen = 0
 
 
 victim = int(os.environ.get("CRASH_DRIVER_KILL_PID") or os.getpid())
+sig = signal.SIGINT if point == "sigint" else signal.SIGKILL
 
 
 def tick():
     global seen
     seen += 1
-    if seen == nth or (seen > nth and victim == os.getpid()):
-        os.kill(victim, signal.SIGKILL)
+    if seen == nth or (seen > nth and victim == os.getpid() and sig == signal.SIGKILL):
+        os.kill(victim, sig)
 
 
 def after(cls, name, when=lambda *a, **k: True):
@@ -70,10 +73,10 @@ def after(cls, name, when=lambda *a, **k: True):
     setattr(cls, name, wrapped)
 
 
-if point == "shard":
-    after(store.Partial, "put")
+if point in ("shard", "sigint"):
+    after(partial.Partial, "put")
 elif point == "torn":
-    orig_put = store.Partial.put
+    orig_put = partial.Partial.put
 
     def torn(self, index, moments):
         done = self._done
@@ -89,7 +92,7 @@ elif point == "torn":
         finally:
             self._done = done
 
-    store.Partial.put = torn
+    partial.Partial.put = torn
 elif point == "commit":
     after(store.RunStore, "commit_layer")
 elif point == "final":

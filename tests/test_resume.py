@@ -168,23 +168,16 @@ def test_a_lock_recorded_by_a_live_process_without_flock_is_respected(tmp_path):
 
 def test_ctrl_c_stops_after_the_batch_and_says_how_to_resume(tmp_path, data_root, reference):
     out = tmp_path / "run.zarr"
-    proc = subprocess.Popen(
-        [sys.executable, str(DRIVER), "none", "compute", "--data-root", str(data_root),
-         "--out", str(out), *ARGS[:-3], "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait for the second layer's pass
-        if (out / "layers" / "conv1" / "zarr.json").exists():
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "Interrupted: interrupted during" in stderr
-    assert "rerun the same command to resume" in stderr
-    assert "Traceback" not in stderr
+    proc = drive("sigint:9", out, data_root)  # Ctrl-C during the second layer's pass
+    assert proc.returncode == 130, proc.stderr
+    assert "Interrupted: interrupted during '[2/5] conv2' with 1 of 5 layers solved" in (
+        proc.stderr
+    )
+    assert "rerun the same command to resume" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (out / LOCK_NAME).exists()
+    done = zarr.open_group(str(out), mode="r")["partial/done"][...]
+    assert done.tolist() == [1, 1, 1, 0, 0, 0]  # the shards before the batch in flight
     proc = drive("none", out, data_root)
     assert proc.returncode == 0 and "(resumed)" in proc.stdout
     assert_same_bytes(out, reference["mj"])

@@ -15,7 +15,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -224,31 +223,30 @@ def slurm():
     assert ping.returncode == 0 and ping.stdout.strip(), f"SLURM does not answer: {ping.stderr}"
 
 
-def submit(cwd: Path, *args: str, env: dict[str, str]) -> str:
-    """Submit the batch script; ``args`` are sbatch options (--...), then its parameters."""
+def run_job(cwd: Path, *args: str, env: dict[str, str], timeout: float = 900):
+    """Submit the batch script and wait for it to end (``sbatch --wait``: no polling).
+
+    ``args`` are sbatch options (--...), then its parameters. Returns the job id, its final
+    state and exit code ("status:signal").
+    """
     options = [a for a in args if a.startswith("--")]
     params = [a for a in args if not a.startswith("--")]
-    result = subprocess.run(
-        ["sbatch", "--parsable", f"--chdir={cwd}", *options, str(SBATCH), *params],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip().split(";")[0]
-
-
-def wait_for(job: str, timeout: float = 900) -> tuple[str, str]:
-    """Poll SLURM until the job ends; return its state and exit code ("status:signal")."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = subprocess.run(
-            ["scontrol", "-o", "show", "job", job], capture_output=True, text=True
-        ).stdout
-        fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
-        if fields.get("JobState") in FINAL_STATES:
-            return fields["JobState"], fields["ExitCode"]
-        time.sleep(1)
-    subprocess.run(["scancel", job])
-    pytest.fail(f"job {job} did not end in {timeout:g} s")
+    try:
+        result = subprocess.run(
+            ["sbatch", "--parsable", "--wait", f"--chdir={cwd}", *options, str(SBATCH), *params],
+            env=env, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        job = (exc.stdout or b"").decode().strip().split(";")[0]
+        subprocess.run(["scancel", job])
+        pytest.fail(f"job {job} did not end in {timeout:g} s")
+    job = result.stdout.strip().split(";")[0]
+    assert job.isdigit(), result.stderr
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True,
+                         text=True).stdout  # fmt: skip
+    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    assert fields.get("JobState") in FINAL_STATES, out
+    return job, fields["JobState"], fields["ExitCode"]
 
 
 def files_of(store: Path) -> dict[str, str]:
@@ -325,8 +323,7 @@ def test_slurm_job_writes_the_inline_store_and_the_cron_rerun_finds_it_up_to_dat
 ):
     out = tmp_path / "job.zarr"
     env = small_job_env()
-    job = submit(tmp_path, *small_job_params(data_root, out), env=env)
-    state, code = wait_for(job)
+    job, state, code = run_job(tmp_path, *small_job_params(data_root, out), env=env)
     log = (tmp_path / f"lsuv-{job}.log").read_text()
     assert (state, code) == ("COMPLETED", "0:0"), log
     assert "on 1 node(s)" in log and "1 scheduler, 2 cpu worker(s)" in log
@@ -358,8 +355,9 @@ def test_slurm_job_spans_nodes_by_changing_nodes_alone(slurm, tmp_path, data_roo
     if len(set(nodes.stdout.split())) < 2:
         pytest.skip("needs a SLURM of 2 nodes or more (SLURM_CI_NODES=2 .ci/slurm-up)")
     out = tmp_path / "job.zarr"
-    job = submit(tmp_path, "--nodes=2", *small_job_params(data_root, out), env=small_job_env())
-    state, code = wait_for(job)
+    job, state, code = run_job(
+        tmp_path, "--nodes=2", *small_job_params(data_root, out), env=small_job_env()
+    )
     log = (tmp_path / f"lsuv-{job}.log").read_text()
     assert (state, code) == ("COMPLETED", "0:0"), log
     assert "on 2 node(s)" in log and "1 scheduler, 4 cpu worker(s)" in log
@@ -379,8 +377,8 @@ def test_slurm_job_with_a_bad_parameter_fails_with_a_clear_message(
 ):
     missing = tmp_path / "no-such-data"
     params = [f"LSUV_DATA_ROOT={data_root}", param.format(missing=missing)]
-    job = submit(tmp_path, *params, env=job_env(SBATCH_TIMELIMIT="5", SBATCH_MEM_PER_CPU="1G"))
-    state, code = wait_for(job, timeout=300)
+    env = job_env(SBATCH_TIMELIMIT="5", SBATCH_MEM_PER_CPU="1G")
+    job, state, code = run_job(tmp_path, *params, env=env, timeout=300)
     log = (tmp_path / f"lsuv-{job}.log").read_text()
     assert (state, code) == ("FAILED", "2:0"), log
     assert message.format(missing=missing) in log

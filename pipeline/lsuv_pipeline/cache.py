@@ -33,6 +33,7 @@ from dask.utils import parse_bytes
 from torch import fx, nn
 
 from . import moments as mom
+from .errors import first_line
 from .hooks import channel_dim, evaluating
 from .layers import LayerInfo
 from .solve import OutputMap, Solution, output_map, transform_output
@@ -80,7 +81,7 @@ class Segments:
             with evaluating(model):  # trace the eval-mode forward, the one passes run
                 self.module = fx.symbolic_trace(model)
         except Exception as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            reason = first_line(exc, 160)
             raise Uncacheable(f"torch.fx cannot trace {type(model).__name__} ({reason})") from None
         self.nodes = list(self.module.graph.nodes)
         inputs = [n for n in self.nodes if n.op == "placeholder"]

@@ -22,12 +22,21 @@ from torch import nn
 from . import moments as mom
 from .config import RunConfig
 from .errors import StoreError, write_error
-from .layers import LayerInfo
-from .report import LayerStats, format_table, plot_stats
+from .layers import LayerInfo, Unsolved
+from .report import LayerStats, format_table, plot_stats, with_unsolved
 from .schema import Section
 from .store import RunStore
 
-__all__ = ["SHIPPED", "Run", "check_fits", "export", "load_init", "open_run", "resolve_checkpoint"]
+__all__ = [
+    "SHIPPED",
+    "Run",
+    "check_fits",
+    "export",
+    "load_init",
+    "open_run",
+    "resolve_checkpoint",
+    "run_stats",
+]
 
 #: Checkpoints that ship with the package, by name.
 SHIPPED = ("mnist-mj",)
@@ -93,7 +102,7 @@ class Run:
 
     def stats(self) -> list[LayerStats]:
         """Per-layer statistics as far as the run got."""
-        return self._store.layer_stats()
+        return run_stats(self._store)
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Draw per-layer mean and std before and after LSUV to a PNG; return its path."""
@@ -117,6 +126,40 @@ class Run:
             tol=self.config.tol,
             mode=self.config.mode,
         )
+
+
+def run_stats(store: RunStore) -> list[LayerStats]:
+    """Per-layer statistics of a store as far as its run got, for tables and plots: every
+    solved layer's moments before and after LSUV, and the layers it left, in forward order."""
+    attrs = store.attrs
+    config = attrs.get("config", {})
+    split, holdout = config.get("split", "train"), config.get("holdout")
+    out = []
+    for info in attrs.get("layers", []):
+        name = info["name"]
+        la = store.layer_attrs(name)
+        section = Section("before", split)
+        before = (
+            store.read_moments(section, name) if store.section_complete(section, [name]) else None
+        )
+        after = {
+            sp: store.read_moments(Section("verify", sp), name)
+            for sp in (split, holdout)
+            if sp and store.section_complete(Section("verify", sp), [name])
+        }
+        out.append(
+            LayerStats(
+                name=name,
+                kind=info["kind"],
+                passes=la.get("passes", 0),
+                converged=la.get("converged", False),
+                has_bias=la.get("has_bias", True),
+                solved=bool(la),
+                before=before,
+                after=after,
+            )
+        )
+    return with_unsolved(out, [Unsolved.from_dict(d) for d in attrs.get("unsolved", [])])
 
 
 def open_run(path: str | os.PathLike) -> Run:

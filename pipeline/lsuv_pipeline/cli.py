@@ -6,14 +6,21 @@ traceback means a bug.
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
 
 import click
 
+from .checkpoint import export as export_state
+from .checkpoint import open_run
 from .config import RunConfig
-from .data import DATASETS
+from .data import DATASETS, ROOT_ENV
 from .errors import Interrupted, LsuvError, OffTarget
+from .progress import TqdmProgress
+from .run import compute as run_compute
 from .solve import MODES
+from .verify import verify as run_verify
 
 __all__ = ["OFF_TARGET", "cli", "main"]
 
@@ -59,7 +66,9 @@ class _Group(click.Group):
 DATA_ROOT = click.option(
     "--data-root",
     type=click.Path(file_okay=False),
-    help="Folder holding the datasets [default: $LSUV_DATA_ROOT, else data/].",
+    envvar=ROOT_ENV,
+    show_envvar=True,
+    help="Folder holding the datasets in torchvision's layout [default: data/].",
 )
 
 
@@ -148,7 +157,13 @@ def cli() -> None:
 )
 @click.option("--orthogonal", is_flag=True, help="Orthonormal pre-init first (LSUV step I).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Samples per forward (shards are read in batches of this size).",
+)
 @click.option(
     "--shard-size",
     type=click.IntRange(min=1),
@@ -199,8 +214,8 @@ def cli() -> None:
     default="auto",
     show_default=True,
     metavar="SIZE",
-    help="Budget of the activation cache per process (e.g. 4GB = 4e9 bytes, 4GiB; auto: half the free "
-    "memory of the device). Shards past it are recomputed from the input.",
+    help="Budget of the activation cache per process (4GB is 4e9 bytes, 4GiB 4 << 30; "
+    "auto: half the free memory of the device). Shards past it are recomputed from the input.",
 )
 @click.option(
     "--verify/--no-verify",
@@ -223,9 +238,6 @@ def compute(**opts) -> None:
     Rerunning the same command resumes an interrupted run, or does nothing if the store is
     complete and up to date.
     """
-    from .progress import TqdmProgress
-    from .run import compute as run_compute
-
     holdout = None if opts["holdout"].lower() == "none" else opts["holdout"]
     model_kwargs = _json_object(opts["model_kwargs"], "--model-kwargs")
     config = RunConfig(
@@ -278,8 +290,6 @@ def compute(**opts) -> None:
 
 
 def _json_object(text: str, option: str) -> dict:
-    import json
-
     try:
         value = json.loads(text)
     except ValueError as exc:
@@ -290,8 +300,6 @@ def _json_object(text: str, option: str) -> dict:
 
 
 def _key_values(items: tuple[str, ...], option: str) -> dict:
-    import json
-
     out = {}
     for item in items:
         key, eq, text = item.partition("=")
@@ -332,8 +340,6 @@ def show(run: str, plot: str | None) -> None:
 
     RUN is a run store path or the name of a shipped checkpoint (mnist-mj).
     """
-    from .checkpoint import open_run
-
     r = open_run(run)
     d = r.attrs.get("dataset", {})
     click.echo(f"run       {r.path}")
@@ -369,15 +375,18 @@ def show(run: str, plot: str | None) -> None:
     help="Largest |mean| and |std - target| accepted per layer.",
 )
 @DATA_ROOT
-@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA if available), cpu, cuda[:N]: where to measure.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def verify(run: str, split: str, tol: float, data_root, device: str, quiet: bool) -> None:
     """Measure every layer's output mean/std over a split with the run's final weights.
 
     Exits 3 if any layer misses the tolerance.
     """
-    from .verify import verify as run_verify
-
     result = run_verify(
         run, split=split, tol=tol, data_root=data_root, device=device, progress=not quiet
     )
@@ -402,16 +411,12 @@ def verify(run: str, split: str, tol: float, data_root, device: str, quiet: bool
 )
 def export(run: str, out: str) -> None:
     """Write a finished run's weights as a state dict for torch.load(..., weights_only=True)."""
-    from .checkpoint import export as export_state
-
     path = export_state(run, out)
     click.echo(f"wrote {path}")
 
 
 def main() -> None:
     """Console-script entry point."""
-    import logging
-
     # This process reports cluster failures itself, once; dask's threads may still log
     # after a run ended (a client reconnecting to a scheduler that is gone).
     logging.getLogger("distributed").addFilter(lambda record: False)

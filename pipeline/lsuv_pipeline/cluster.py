@@ -15,18 +15,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import logging
 import os
+import pickle
 import socket
 import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 
 import torch
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, wait
+from distributed.comm import parse_host_port
+from distributed.comm.addressing import parse_address
+from distributed.comm.core import CommClosedError
+from distributed.scheduler import KilledWorker
 from torch import nn
 
 from .data import DatasetSpec, Source
-from .errors import ConfigError, ExecutorError, LsuvError, ModelError
+from .errors import ConfigError, ExecutorError, LsuvError, ModelError, first_line
 from .executors import Executor
 from .numerics import numerics_differences, numerics_key
 from .worker import Boxed, ShardTask, hold, run_shard, worker_fingerprint
@@ -131,15 +140,13 @@ class DaskExecutor(Executor):
     def _model(self, model: nn.Module):
         """The model's structure, sent once per run."""
         if self._model_key != id(model):
-            import pickle
-
             boxed = Boxed(_cpu_copy(model))
             try:
                 pickle.dumps(boxed)
             except Exception as exc:
                 raise ModelError(
                     f"{type(model).__name__} cannot be sent to the dask workers ("
-                    f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]}); run "
+                    f"{first_line(exc, 160)}); run "
                     "it inline (without --workers / --scheduler)"
                 ) from None
             self._model_future = self._send(boxed, "model")
@@ -190,8 +197,6 @@ class DaskExecutor(Executor):
                     future.cancel()
 
     def _run_pass(self, model, source, shards, plan, device, on_batch, futures):
-        from distributed import wait
-
         self.numerics(device)
         model_future = self._model(model)
         state_future = self._weights(model)
@@ -265,17 +270,12 @@ def _worker_spec(spec: DatasetSpec) -> DatasetSpec:
 
 def _cluster_failures() -> tuple[type[BaseException], ...]:
     """Exceptions that mean the cluster, not the task, failed."""
-    from concurrent.futures import CancelledError
-
-    from distributed.comm.core import CommClosedError
-    from distributed.scheduler import KilledWorker
-
     return (CancelledError, CommClosedError, KilledWorker, OSError, TimeoutError)
 
 
 def _lost(client, exc: BaseException) -> str:
     """One line for a cluster failure: a lost scheduler, or what else failed."""
-    reason = (str(exc).strip().splitlines() or [""])[0][:200]
+    reason = first_line(exc)
     address = client.scheduler.address if client.scheduler is not None else "?"
     lost = "scheduler-connection-lost" in reason or client.status != "running"
     if not lost and isinstance(exc, _cluster_failures()):
@@ -300,9 +300,6 @@ def _lost(client, exc: BaseException) -> str:
 
 def _reachable(address: str, timeout: float = 5.0) -> bool:
     """Whether a TCP connection to a ``tcp://host:port`` address is accepted."""
-    from distributed.comm import parse_host_port
-    from distributed.comm.addressing import parse_address
-
     try:
         scheme, location = parse_address(address)
         if scheme not in ("tcp", "tls"):
@@ -316,8 +313,6 @@ def _reachable(address: str, timeout: float = 5.0) -> bool:
 
 def _local_cluster(workers: int, device_type: str):
     """Start ``workers`` worker processes on this machine, bound to loopback."""
-    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
-
     if device_type == "cuda":
         count = torch.cuda.device_count()
         if workers > count:
@@ -355,10 +350,6 @@ def _local_cluster(workers: int, device_type: str):
 def quiet_dask_logs() -> Iterator[None]:
     """Silence dask's own loggers: a lost scheduler or worker is reported once, as an
     ExecutorError, not as log lines and tracebacks from dask's threads."""
-    import logging
-
-    import distributed  # noqa: F401  (configures dask's loggers)
-
     names = ["distributed"] + [
         n for n in logging.root.manager.loggerDict if n.startswith("distributed.")
     ]
@@ -378,15 +369,13 @@ def _scheduler_address(path: str) -> str:
     Raises:
         ExecutorError: The file is missing, or is not a scheduler file.
     """
-    import json
-
     if not os.path.isfile(path):
         raise ExecutorError(f"scheduler file {path!r} does not exist")
     try:
         with open(path) as f:
             info = json.load(f)
     except (OSError, ValueError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         raise ExecutorError(f"scheduler file {path!r} cannot be read as JSON ({reason})") from None
     address = info.get("address") if isinstance(info, dict) else None
     if not isinstance(address, str) or "://" not in address:
@@ -406,7 +395,6 @@ def connect(
         ConfigError: A worker count below 1, or more GPU workers than GPUs.
         ExecutorError: The scheduler cannot be reached or has no workers.
     """
-    from distributed import Client
 
     if workers is not None:
         if workers < 1:
@@ -419,7 +407,7 @@ def connect(
     try:
         client = Client(scheduler, timeout=timeout)
     except (OSError, TimeoutError, ValueError, TypeError, AssertionError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         raise ExecutorError(f"cannot reach the dask scheduler at {where!r}: {reason}") from None
     executor = DaskExecutor(client, allow_mixed=allow_mixed)
     try:

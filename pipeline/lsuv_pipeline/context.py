@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -182,7 +184,9 @@ def open_executor(
     if not chosen:
         yield InlineExecutor()
         return
-    from .cluster import connect, quiet_dask_logs  # dask only for a cluster run
+    # imported here, not above: an inline run never loads distributed (half a second,
+    # and its config and loggers) for nothing
+    from .cluster import connect, quiet_dask_logs
 
     with quiet_dask_logs():
         executor = connect(workers, scheduler, scheduler_file, device_type, timeout, allow_mixed)
@@ -203,10 +207,6 @@ def keeps_callers_rng(fn):
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        import random
-
-        import numpy as np
-
         python, numpy_state = random.getstate(), np.random.get_state()
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         try:

@@ -20,6 +20,7 @@ __all__ = [
     "OffTarget",
     "ReadOnlyStore",
     "StoreError",
+    "first_line",
     "write_error",
 ]
 
@@ -70,6 +71,11 @@ class Interrupted(LsuvError):
 
 class ReadOnlyStore(StoreError):
     """A run store that cannot be written here (read-only file system, no permission)."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name if it has none)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
 
 
 def write_error(path: Path, what: str, exc: OSError) -> StoreError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -19,12 +19,18 @@ from torch import nn
 from . import moments as mom
 from .solve import Solution, output_map, transform_output
 
-if TYPE_CHECKING:  # layers.py imports this module; the type is for readers only
-    from .layers import LayerInfo
+
+class Target(Protocol):
+    """What a hook needs of a target layer (``layers.LayerInfo`` is one)."""
+
+    name: str
+    calls: int
+
 
 __all__ = [
     "Capture",
     "StopForward",
+    "Target",
     "capture",
     "channel_dim",
     "evaluating",
@@ -122,12 +128,14 @@ class Capture:
 
 @contextlib.contextmanager
 def capture(
-    model: nn.Module, layers: Sequence[LayerInfo], *, stop_after: LayerInfo | None = None
+    model: nn.Module, layers: Sequence[Target], *, stop_after: Target | None = None
 ) -> Iterator[Capture]:
     """Hook ``layers`` so every forward adds their outputs' moments to the capture.
 
-    All calls of a shared layer are pooled. Moments are taken inside the hook, so in-place
-    ops after the layer cannot corrupt them. Hooks are removed on exit, even on error.
+    Each call of a shared layer keeps its own moments (``Capture.moments[name][call]``);
+    the solve pools them, or uses the first call alone. Moments are taken inside the hook,
+    so in-place ops after the layer cannot corrupt them. Hooks are removed on exit, even
+    on error.
 
     Args:
         model: The model to run.

@@ -26,12 +26,16 @@ from collections.abc import Iterator
 
 import torch
 
+from .errors import StoreError
+
 __all__ = [
     "KERNEL_ENV",
+    "check_resume",
     "fingerprint",
     "numerics_differences",
     "numerics_key",
     "reproducible",
+    "with_mixed",
 ]
 
 #: Environment variables that change which kernels run (recorded when set).
@@ -121,6 +125,40 @@ def numerics_differences(a: dict, b: dict) -> list[str]:
     """``"field: a -> b"`` for every decisive field in which two fingerprints differ."""
     keys = sorted((set(a) | set(b)) - {"threads", "key", "mixed"})
     return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
+
+
+def with_mixed(record: dict, others: list[dict]) -> tuple[dict, int]:
+    """A store's ``numerics`` record with the fingerprints in ``others`` that it does not
+    hold yet added to its ``mixed`` list; and how many were new."""
+    known = {numerics_key(fp) for fp in record.get("mixed", [])} | {record.get("key")}
+    new = [fp for fp in others if numerics_key(fp) not in known]
+    if not new:
+        return record, 0
+    return {**record, "mixed": [*record.get("mixed", []), *new]}, len(new)
+
+
+def check_resume(record: dict, current: dict, *, allow_mixed: bool, where: str) -> dict:
+    """The ``numerics`` record of a store resumed with ``current``'s numerics.
+
+    Returns the record unchanged when the keys match, else (with ``allow_mixed``) with
+    ``current`` added to its mixed list.
+
+    Raises:
+        StoreError: The store was started with other numerics and mixing is not allowed.
+    """
+    if record.get("key") == numerics_key(current):
+        return record
+    if not allow_mixed:
+        differ = "; ".join(numerics_differences(record, current)) or (
+            "its recorded key differs" if record else "none recorded"
+        )
+        raise StoreError(
+            f"{where} was started with other numerics than this machine has ({differ}); "
+            "finishing it here would mix them: rerun where it started, pass --overwrite to "
+            "start again here, or --allow-mixed-hardware to finish it here (recorded in the "
+            "store)"
+        )
+    return with_mixed(record, [current])[0]
 
 
 @contextlib.contextmanager

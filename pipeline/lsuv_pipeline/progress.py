@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from tqdm.auto import tqdm
+
 __all__ = ["Progress", "TqdmProgress", "as_progress"]
 
 
@@ -31,8 +33,6 @@ class TqdmProgress(Progress):
         self._bars = bars
 
     def pass_started(self, label: str, total: int) -> None:
-        from tqdm.auto import tqdm
-
         if not self._bars:
             return
         self._bar = tqdm(total=total, desc=label, unit="img", unit_scale=True, leave=True)
@@ -47,9 +47,6 @@ class TqdmProgress(Progress):
             self._bar = None
 
     def note(self, text: str) -> None:
-
-        from tqdm.auto import tqdm
-
         tqdm.write(text, file=sys.stderr)
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .cache import Segments, Uncacheable, parse_size
-from .checkpoint import check_fits, load_init
+from .checkpoint import check_fits, load_init, run_stats
 from .config import RunConfig
 from .context import (
     keeps_callers_rng,
@@ -41,7 +41,7 @@ from .executors import Executor
 from .layers import LayerPlan, plan_layers, trace
 from .lock import LOCK_NAME, writer_lock
 from .lsuv import LayerLoop, Setup, off_target
-from .numerics import numerics_differences, numerics_key
+from .numerics import check_resume, numerics_key, with_mixed
 from .passes import PassContext, stop_on_sigint
 from .progress import Progress, as_progress
 from .report import LayerStats, format_table, with_unsolved
@@ -171,35 +171,12 @@ def compute(
         OffTarget: A solved layer misses ``config.tol`` after the solve (store complete).
         Interrupted: Ctrl-C; the store keeps everything finished so far.
     """
-    run = _prepare(
-        config,
-        out,
-        model,
-        data,
-        holdout_data,
-        collate,
-        data_root,
-        download,
-        device,
-        cache,
-        cache_memory,
-        progress,
-        overwrite,
-        allow_mixed_hardware,
-        allow_tf32,
-    )
-    executors = (
-        contextlib.nullcontext(executor)  # a caller's own: used as it is, left open
-        if executor is not None
-        else open_executor(
-            workers=workers,
-            scheduler=scheduler,
-            scheduler_file=scheduler_file,
-            device_type=run.device.type,
-            timeout=scheduler_timeout,
-            allow_mixed=allow_mixed_hardware,
-        )
-    )
+    run, executors = _prepare(dict(locals()))
+    return _locked(run, executors)
+
+
+def _locked(run: _Run, executors) -> RunResult:
+    """Hold the store's lock, open the executor, then resume, solve or find it up to date."""
     exists = RunStore.check_out(run.out)
     try:
         with writer_lock(run.out) as stale, stop_on_sigint() as stop, executors as ex:
@@ -212,7 +189,7 @@ def compute(
             store = _existing(run) if exists else None
             if store is not None and store.attrs.get("status") == "complete":
                 return _up_to_date(store, run)
-            ctx = PassContext(ex, run.model, run.device, config.shard_size, run.progress, stop)
+            ctx = PassContext(ex, run.model, run.device, run.config.shard_size, run.progress, stop)
             return _solve(run, store, ctx)
     except ReadOnlyStore:
         # nothing can write here, so nothing is writing: a complete store of this very run
@@ -225,49 +202,46 @@ def compute(
         raise
 
 
-def _prepare(
-    config,
-    out,
-    model,
-    data,
-    holdout_data,
-    collate,
-    data_root,
-    download,
-    device,
-    cache,
-    cache_memory,
-    progress,
-    overwrite,
-    allow_mixed,
-    allow_tf32,
-) -> _Run:
-    """Turn the options into the run's live objects, refusing bad ones before any write."""
-    dev = resolve_device(device)
+def _prepare(o: dict) -> tuple[_Run, contextlib.AbstractContextManager]:
+    """Turn :func:`compute`'s options into the run's live objects and its executor (to be
+    entered), refusing bad ones before anything is written."""
+    dev = resolve_device(o["device"])
     try:
-        budget = parse_size(cache_memory)
+        budget = parse_size(o["cache_memory"])
     except ValueError as exc:
         raise ConfigError(f"--cache-memory: {exc}") from None
-    given = model is not None
-    config = recorded_config(config, model_given=given)
-    root = resolve_root(data_root) if data is None else Path(".")
-    train, holdout = open_sources(config, root, download, data, holdout_data, collate)
-    model, provenance = model_for(config, model, train)
+    config = recorded_config(o["config"], model_given=o["model"] is not None)
+    data = o["data"]
+    root = resolve_root(o["data_root"]) if data is None else Path(".")
+    train, holdout = open_sources(
+        config, root, o["download"], data, o["holdout_data"], o["collate"]
+    )
+    model, provenance = model_for(config, o["model"], train)
     held = holdout.fingerprint if holdout is not None else None
-    return _Run(
+    run = _Run(
         config=config,
-        out=Path(out),
+        out=Path(o["out"]),
         model=model,
         train=train,
         holdout=holdout,
         identity=identity(config, train.fingerprint, held, provenance),
         device=dev,
-        progress=as_progress(progress),
-        allow_tf32=allow_tf32,
-        cache=cache,
+        progress=as_progress(o["progress"]),
+        allow_tf32=o["allow_tf32"],
+        cache=o["cache"],
         cache_budget=budget,
-        overwrite=overwrite,
-        allow_mixed=allow_mixed,
+        overwrite=o["overwrite"],
+        allow_mixed=o["allow_mixed_hardware"],
+    )
+    if o["executor"] is not None:  # a caller's own: used as it is, left open
+        return run, contextlib.nullcontext(o["executor"])
+    return run, open_executor(
+        workers=o["workers"],
+        scheduler=o["scheduler"],
+        scheduler_file=o["scheduler_file"],
+        device_type=dev.type,
+        timeout=o["scheduler_timeout"],
+        allow_mixed=o["allow_mixed_hardware"],
     )
 
 
@@ -297,7 +271,7 @@ def _existing(run: _Run) -> RunStore | None:
 
 def _up_to_date(store: RunStore, run: _Run) -> RunResult:
     load_init(run.model.to(run.device), store.path, allow_off_target=True)
-    result = RunResult(store.path, run.model, run.config, store.layer_stats(), up_to_date=True)
+    result = RunResult(store.path, run.model, run.config, run_stats(store), up_to_date=True)
     return _checked(result, store.attrs)
 
 
@@ -362,7 +336,10 @@ def _start(run: _Run, store: RunStore | None, plan: LayerPlan, numerics: dict) -
     initial = store.read_state("initial")
     check_fits(model, initial, repr(str(run.out)), strict=True)
     model.load_state_dict(initial)
-    _resume_numerics(store, numerics, run.allow_mixed)
+    record = store.attrs.get("numerics") or {}
+    resumed = check_resume(record, numerics, allow_mixed=run.allow_mixed, where=repr(str(run.out)))
+    if resumed != record:
+        store.update_attrs({"numerics": resumed})
     run.progress.note(f"resuming {run.out}")
     return store
 
@@ -430,45 +407,17 @@ def _solve(run: _Run, store: RunStore | None, ctx: PassContext) -> RunResult:
             f"solved; finished shards are kept in {str(run.out)!r}: rerun the same command to "
             "resume"
         ) from None
-    _record_mixed(store, ctx.executor.mixed, run.progress)
+    record, new = with_mixed(store.attrs.get("numerics") or {}, ctx.executor.mixed)
+    if new:
+        store.update_attrs({"numerics": record})
+        run.progress.note(
+            f"note: {new} other numerics fingerprint(s) computed shards of this run "
+            "(--allow-mixed-hardware); recorded in the store, whose bytes now depend on "
+            "which worker ran which shard"
+        )
     for module in model.modules():  # passes ran in inference mode: no inference weights left
         refresh_weight_norm_(module)
     store.finish()
     rows = with_unsolved(stats, plan.unsolved)
     result = RunResult(run.out, model, config, rows, loop.passes, seconds, resumed=resumed)
     return _checked(result, store.attrs)
-
-
-def _resume_numerics(store: RunStore, numerics: dict, allow_mixed: bool) -> None:
-    """Refuse to finish a run here if it was started with other numerics, unless allowed."""
-    stored = store.attrs.get("numerics") or {}
-    if stored.get("key") == numerics_key(numerics):
-        return
-    if not allow_mixed:
-        differ = "; ".join(numerics_differences(stored, numerics)) or (
-            "its recorded key differs" if stored else "none recorded"
-        )
-        raise StoreError(
-            f"{str(store.path)!r} was started with other numerics than this machine has "
-            f"({differ}); finishing it here would mix them: rerun where it started, pass "
-            "--overwrite to start again here, or --allow-mixed-hardware to finish it here "
-            "(recorded in the store)"
-        )
-    _record_mixed(store, [numerics], None)
-
-
-def _record_mixed(store: RunStore, others: list[dict], progress: Progress | None) -> None:
-    """Add fingerprints that computed part of the run to its ``numerics`` record."""
-    record = dict(store.attrs.get("numerics") or {})
-    known = {numerics_key(fp) for fp in record.get("mixed", [])} | {record.get("key")}
-    new = [fp for fp in others if numerics_key(fp) not in known]
-    if not new:
-        return
-    record["mixed"] = [*record.get("mixed", []), *new]
-    store.update_attrs({"numerics": record})
-    if progress is not None:
-        progress.note(
-            f"note: {len(new)} other numerics fingerprint(s) computed shards of this run "
-            "(--allow-mixed-hardware); recorded in the store, whose bytes now depend on "
-            "which worker ran which shard"
-        )

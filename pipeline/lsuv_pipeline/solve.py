@@ -39,6 +39,8 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm  # the class weight_norm installs
 
 from . import moments as mom
 from .errors import LayerError
@@ -268,9 +270,6 @@ class WeightForm:
 
 def weight_form(module: nn.Module, mode: Mode) -> WeightForm | str:
     """Return where ``module``'s weight scale lives, or why LSUV cannot rescale it."""
-    from torch.nn.utils import parametrize
-    from torch.nn.utils.parametrizations import _WeightNorm
-
     if parametrize.is_parametrized(module, "bias"):
         return "its bias is computed by a parametrization, which LSUV cannot shift"
     if parametrize.is_parametrized(module, "weight"):

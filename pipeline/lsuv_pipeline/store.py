@@ -15,11 +15,11 @@ A run is one Zarr v3 group (schema 1)::
       partial/                  the pass in progress: per-shard moments, one chunk per
                                 shard, and a per-shard done flag written after them
 
-Arrays hold numbers, attributes hold JSON; nothing is pickled. Every array records the
-sha256 of its bytes and its torch dtype, so a missing chunk (which Zarr would read back as
-fill values), a damaged one or an edited dtype is caught on read; :meth:`RunStore.check`
-reads every array. The root attributes are checked against the schema when a store is
-opened, and damaged metadata anywhere is a :class:`StoreError` naming the path.
+Arrays hold numbers, attributes hold JSON; nothing is pickled. Every read and write goes
+through ``zarrio.CheckedGroup`` (checksums and dtypes on every array, damaged metadata as
+one error naming the path, a writer that notices its folder was deleted or replaced, OS
+errors as one line); :meth:`RunStore.check` reads every array. The root attributes are
+checked against the schema (``schema.py``) when a store is opened.
 
 A layer group counts only once its ``committed`` attribute is set, which is written last;
 a rerun reads ``initial`` and the committed updates back and continues from the partial
@@ -33,85 +33,24 @@ what was written before stays. Only the coordinating process calls this module.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import re
-import shutil
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import zarr
 
 from . import moments as mom
-from .errors import StoreError, write_error
-from .layers import Unsolved
+from .errors import StoreError, first_line, write_error
 from .lock import LOCK_NAME
-from .report import LayerStats, with_unsolved
+from .partial import Partial
 from .schema import SCHEMA, TOOL, Section, check_root, layer_key
 from .solve import Solution
+from .zarrio import CheckedGroup, sweep_temp_files
 
 __all__ = ["LayerRecord", "Partial", "RunStore"]
-
-_TORCH_DTYPES = {
-    str(d).removeprefix("torch."): d
-    for d in (
-        torch.float16,
-        torch.bfloat16,
-        torch.float32,
-        torch.float64,
-        torch.int8,
-        torch.int16,
-        torch.int32,
-        torch.int64,
-        torch.uint8,
-        torch.bool,
-    )
-}
-
-
-def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
-    t = t.detach().cpu()
-    dtype = str(t.dtype).removeprefix("torch.")
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: keep the bits
-        return t.view(torch.int16).numpy(), dtype
-    return t.numpy(), dtype
-
-
-#: torch dtype name -> the numpy dtype its bytes are stored as.
-_STORED_AS = {
-    **{
-        name: np.dtype(name)
-        for name in (
-            "float16",
-            "float32",
-            "float64",
-            "int8",
-            "int16",
-            "int32",
-            "int64",
-            "uint8",
-            "bool",
-        )
-    },
-    "bfloat16": np.dtype("int16"),
-}
-
-#: Zarr's temporary files (``<name>.<uuid hex>.partial``), renamed into place when written.
-_ZARR_TEMP = re.compile(r"\.[0-9a-f]{32}\.partial$")
-
-
-def _reason(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-
-
-def _digest(a: np.ndarray) -> str:
-    return "sha256:" + hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -124,16 +63,8 @@ class LayerRecord:
     attrs: dict
 
 
-class RunStore:
+class RunStore(CheckedGroup):
     """One run's Zarr group. Create with :meth:`create`, open with :meth:`open`."""
-
-    def __init__(self, group, path: Path, *, writer: bool = False) -> None:
-        self._group = group
-        self.path = path
-        self._ours: tuple | None = None
-        if writer:
-            st = os.stat(path)
-            self._ours = (st.st_dev, st.st_ino, dict(group.attrs).get("run_id"))
 
     # -- opening -----------------------------------------------------------------
 
@@ -170,7 +101,7 @@ class RunStore:
             meta = json.loads((path / "zarr.json").read_text())
         except (OSError, ValueError) as exc:
             raise StoreError(
-                f"{str(path)!r}: its zarr.json cannot be read ({_reason(exc)}); expected a "
+                f"{str(path)!r}: its zarr.json cannot be read ({first_line(exc)}); expected a "
                 f"run store written by {TOOL}"
             ) from None
         attrs = meta.get("attributes") if isinstance(meta, dict) else None
@@ -223,34 +154,10 @@ class RunStore:
                     group.attrs.update({"run_id": uuid.uuid4().hex})
                 except OSError as exc:
                     raise write_error(path, "the store's metadata", exc) from None
-            _sweep_temp_files(path)
+            sweep_temp_files(path)
         return cls(group, path, writer=write)
 
     # -- writing safely ----------------------------------------------------------
-
-    def _check_ours(self) -> None:
-        """Refuse to write into a store that was deleted or replaced since it was opened."""
-        if self._ours is None:
-            raise StoreError(f"{str(self.path)!r} was opened for reading only")
-        try:
-            st = os.stat(self.path)
-            run_id = json.loads((self.path / "zarr.json").read_text())["attributes"]["run_id"]
-        except (OSError, ValueError, KeyError, TypeError):
-            st, run_id = None, None
-        if st is None or (st.st_dev, st.st_ino, run_id) != self._ours:
-            raise StoreError(
-                f"{str(self.path)!r} was deleted or replaced while this run was writing it; "
-                "stopped without writing more: run the command again to start over"
-            )
-
-    @contextlib.contextmanager
-    def _writing(self, what: str):
-        """Check the store is still ours, then write; OS errors become one StoreError."""
-        self._check_ours()
-        try:
-            yield
-        except OSError as exc:
-            raise write_error(self.path, what, exc) from None
 
     # -- attributes --------------------------------------------------------------
 
@@ -266,74 +173,7 @@ class RunStore:
 
     # -- reading nodes -----------------------------------------------------------
 
-    def _node(self, where: str, what: str = "group"):
-        """The group or array at ``where``; missing or unreadable is a StoreError."""
-        try:
-            return self._group[where]
-        except KeyError:
-            raise StoreError(f"{str(self.path)!r}: {what} {where!r} is missing") from None
-        except Exception as exc:
-            raise StoreError(
-                f"{str(self.path)!r}: {what} {where!r} cannot be read ({_reason(exc)}); the "
-                "store is damaged"
-            ) from None
-
-    def has(self, where: str) -> bool:
-        """Whether a group or array exists at ``where`` inside the run."""
-        try:
-            return where in self._group
-        except Exception as exc:
-            raise StoreError(
-                f"{str(self.path)!r}: {where!r} cannot be read ({_reason(exc)}); the store is "
-                "damaged"
-            ) from None
-
-    def _flag(self, where: str, name: str) -> bool:
-        """Whether the group at ``where`` exists and has the attribute ``name`` set."""
-        return self.has(where) and bool(self._node(where).attrs.get(name))
-
     # -- arrays ------------------------------------------------------------------
-
-    def _put(self, group, name: str, value: torch.Tensor) -> None:
-        data, dtype = _to_numpy(value)
-        with self._writing(f"array {group.path}/{name}"):
-            group.create_array(
-                name,
-                data=data,
-                chunks=data.shape if data.ndim else (),
-                attributes={"torch_dtype": dtype, "sha256": _digest(data)},
-                overwrite=True,
-            )
-
-    def _get(self, where: str) -> torch.Tensor:
-        """Read the array at ``where``, checking its checksum and its recorded dtype."""
-        arr = self._node(where, "array")
-        try:
-            data = np.asarray(arr[...])
-            attrs = dict(arr.attrs)
-        except Exception as exc:
-            raise StoreError(
-                f"{str(self.path)!r}: array {where!r} cannot be read: {_reason(exc)}"
-            ) from None
-        if attrs.get("sha256") != _digest(data):
-            raise StoreError(
-                f"{str(self.path)!r}: array {where!r} does not match its recorded checksum "
-                "(a chunk is missing or damaged)"
-            )
-        dtype = attrs.get("torch_dtype")
-        if _STORED_AS.get(dtype) != data.dtype:
-            raise StoreError(
-                f"{str(self.path)!r}: array {where!r} records dtype {dtype!r} but holds "
-                f"{data.dtype} values (damaged metadata)"
-            )
-        t = torch.from_numpy(data.copy())
-        return t.view(torch.bfloat16) if dtype == "bfloat16" else t
-
-    def _sub(self, where: str, *, create: bool = False):
-        if not create:
-            return self._node(where)
-        with self._writing(f"group {where}"):
-            return self._group.require_group(where)
 
     # -- model states ------------------------------------------------------------
 
@@ -450,58 +290,17 @@ class RunStore:
             StoreError: Naming every damaged part (up to 5) and how many there are.
         """
         self.check_consistency()
-        problems: list[str] = []
-        for meta in sorted(self.path.rglob("zarr.json")):
-            where = meta.parent.relative_to(self.path).as_posix()
-            if where == "." or where == "partial" or where.startswith("partial/"):
-                continue  # the root is checked on open; partial records as they are read
-            try:
-                kind = json.loads(meta.read_text()).get("node_type")
-            except (OSError, ValueError, AttributeError) as exc:
-                problems.append(f"{where}/zarr.json cannot be read ({_reason(exc)})")
-                continue
-            if kind != "array":
-                continue
-            try:
-                self._get(where)
-            except StoreError as exc:
-                problems.append(str(exc).removeprefix(f"{str(self.path)!r}: "))
+        # the root is checked on open; the partial record as its shards are read
+        problems = self.check_arrays(skip=("partial",))
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             raise StoreError(f"{str(self.path)!r} is damaged: " + "; ".join(problems[:5]) + more)
 
-    def layer_stats(self) -> list[LayerStats]:
-        """Per-layer statistics as far as the run got, for tables and plots."""
-        attrs = self.attrs
-        config = attrs.get("config", {})
-        split, holdout = config.get("split", "train"), config.get("holdout")
-        out = []
-        for info in attrs.get("layers", []):
-            name = info["name"]
-            solved = self.committed(name)
-            la = dict(self._node(f"layers/{info['key']}").attrs) if solved else {}
-            section = Section("before", split)
-            before = (
-                self.read_moments(section, name) if self.section_complete(section, [name]) else None
-            )
-            after = {
-                sp: self.read_moments(Section("verify", sp), name)
-                for sp in (split, holdout)
-                if sp and self.section_complete(Section("verify", sp), [name])
-            }
-            out.append(
-                LayerStats(
-                    name=info["name"],
-                    kind=info["kind"],
-                    passes=la.get("passes", 0),
-                    converged=la.get("converged", False),
-                    has_bias=la.get("has_bias", True),
-                    solved=solved,
-                    before=before,
-                    after=after,
-                )
-            )
-        return with_unsolved(out, [Unsolved.from_dict(d) for d in attrs.get("unsolved", [])])
+    def layer_attrs(self, name: str) -> dict:
+        """A committed layer's attributes (passes, residuals, ...); ``{}`` if not committed."""
+        if not self.committed(name):
+            return {}
+        return dict(self._node(f"layers/{layer_key(name)}").attrs)
 
     # -- passes: per-shard partials and finished multi-pass results ------------------
 
@@ -561,80 +360,5 @@ class RunStore:
         with self._writing("the completion mark"):
             if self.has("partial"):
                 del self._group["partial"]
-            _sweep_temp_files(self.path)
+            sweep_temp_files(self.path)
             self._group.attrs.update({"status": "complete"})
-
-    @staticmethod
-    def wipe(path: str | Path, keep: tuple[str, ...] = ()) -> None:
-        """Delete a run store's contents, keeping the folder and the entries in ``keep``."""
-        try:
-            for child in Path(path).iterdir():
-                if child.name in keep:
-                    continue
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
-        except OSError as exc:
-            raise write_error(Path(path), "(replacing the old run)", exc) from None
-
-
-def _sweep_temp_files(path: Path) -> None:
-    """Remove the temporary files Zarr writes and renames into place (a kill can leave one)."""
-    for tmp in path.rglob("*.partial"):
-        if _ZARR_TEMP.search(tmp.name):
-            tmp.unlink(missing_ok=True)
-
-
-class Partial:
-    """The per-shard moments of the pass in progress, one Zarr chunk per shard.
-
-    Layers are named by module name in and out; their groups are their keys.
-    ``writing(what)`` is the store's write guard: every shard is written through it.
-    """
-
-    def __init__(self, group, layers: list[tuple[str, int, int]], names: dict, writing) -> None:
-        self._layers = layers
-        self._names = names  # key -> layer name
-        self._writing = writing
-        # opened once: looking an array up in its group reads its metadata from disk, which
-        # cost more than the writes themselves (about 1 ms each, 10 per shard)
-        self._arrays = {
-            key: tuple(group[key][n] for n in ("count", "mean", "m2")) for key, _, _ in layers
-        }
-        self._done = group["done"]
-
-    def done(self) -> dict[int, dict[str, tuple[mom.Moments, ...]]]:
-        """Shard index -> per-layer per-call moments, for every shard already finished."""
-        flags = np.asarray(self._done[...])
-        finished = np.flatnonzero(flags).tolist()
-        if not finished:
-            return {}
-        out: dict[int, dict[str, tuple[mom.Moments, ...]]] = {i: {} for i in finished}
-        for key, _, _ in self._layers:
-            count, mean, m2 = (np.asarray(a[...]) for a in self._arrays[key])
-            for i in finished:
-                out[i][self._names[key]] = tuple(
-                    mom.Moments(
-                        int(count[i, c]),
-                        torch.from_numpy(mean[i, c].copy()),
-                        torch.from_numpy(m2[i, c].copy()),
-                    )
-                    for c in range(count.shape[1])
-                )
-        return out
-
-    def put(self, index: int, moments: dict[str, tuple[mom.Moments, ...]]) -> None:
-        """Record shard ``index``; its done flag is written after its moments."""
-        with self._writing(f"the record of shard {index}"):
-            for key, calls, _ in self._layers:
-                count, mean, m2 = self._arrays[key]
-                parts = moments[self._names[key]]
-                if len(parts) != calls:
-                    raise StoreError(
-                        f"layer {key!r}: expected {calls} calls per forward, got {len(parts)}"
-                    )
-                count[index] = np.array([p.count for p in parts], dtype=np.int64)
-                mean[index] = torch.stack([p.mean for p in parts]).numpy()
-                m2[index] = torch.stack([p.m2 for p in parts]).numpy()
-            self._done[index] = 1

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+from distributed import get_worker
 from torch import nn
 
 from .cache import ActivationCache, default_budget
@@ -185,8 +186,6 @@ def run_shard(boxed: Boxed, state: dict[str, torch.Tensor], task: ShardTask):
         (for a cached pass it now holds the shard's cut, so the shard's next pass should
         run here) and its numerics fingerprint.
     """
-    from distributed import get_worker
-
     mine = _state(task.run)
     device = _device(task.device_type)
     numerics = fingerprint(device)

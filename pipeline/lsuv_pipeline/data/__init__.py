@@ -38,9 +38,9 @@ from .base import (
     resolve_root,
     shards,
 )
-from .folder import IMAGEFOLDER, _load_imagefolder
+from .folder import IMAGEFOLDER, load_imagefolder
 from .user import source_from
-from .vision import _torchvision_cifar, _torchvision_idx
+from .vision import torchvision_cifar, torchvision_idx
 
 __all__ = [
     "DATASETS",
@@ -68,23 +68,23 @@ __all__ = [
 #: places, as widely published (CIFAR-100: weiaicunzai/pytorch-cifar100,
 #: conf/global_settings.py). They are NOT the often copied CIFAR-10 std (0.2023, 0.1994,
 #: 0.2010), which averages per-image stds. ``imagefolder:PATH`` is
-#: :func:`_load_imagefolder`.
+#: :func:`load_imagefolder`.
 DATASETS: dict[str, Callable[..., Source]] = {
-    "mnist": _torchvision_idx("MNIST", 0.1307, 0.3081),
-    "fashion-mnist": _torchvision_idx("FashionMNIST", 0.2860, 0.3530),
-    "cifar10": _torchvision_cifar(
+    "mnist": torchvision_idx("MNIST", 0.1307, 0.3081),
+    "fashion-mnist": torchvision_idx("FashionMNIST", 0.2860, 0.3530),
+    "cifar10": torchvision_cifar(
         "CIFAR10",
         "cifar-10-batches-py",
         mean=(0.49139968, 0.48215841, 0.44653091),
         std=(0.24703223, 0.24348513, 0.26158784),
     ),
-    "cifar100": _torchvision_cifar(
+    "cifar100": torchvision_cifar(
         "CIFAR100",
         "cifar-100-python",
         mean=(0.50707516, 0.48654887, 0.44091784),
         std=(0.26733429, 0.25643846, 0.27615047),
     ),
-    IMAGEFOLDER: _load_imagefolder,
+    IMAGEFOLDER: load_imagefolder,
 }
 
 

@@ -151,7 +151,7 @@ class Source:
         }
 
 
-def _normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def normalize_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``(x / 255 - mean) / std`` in float32: torchvision's ``ToTensor`` then ``Normalize``."""
     x = images.to(torch.float32).div(255)  # (N, C, H, W)
     return x.sub_(mean).div_(std)
@@ -202,7 +202,7 @@ class TensorSource(Source):
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
         if not self.resize:
-            return _normalize(self.images[start:stop], self._mean, self._std)
+            return normalize_images(self.images[start:stop], self._mean, self._std)
         x = self.images[start:stop].to(torch.float32).div(255)
         x = torch.nn.functional.interpolate(
             x, size=(self.resize, self.resize), mode="bilinear", antialias=True
@@ -229,7 +229,8 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
         return Path(DEFAULT_ROOT)
     path = Path(explicit).expanduser()
     if not path.is_dir():
-        how = "--data-root" if root is not None else f"${ROOT_ENV}"
+        from_env = root is None or str(root) == os.environ.get(ROOT_ENV)
+        how = f"${ROOT_ENV}" if from_env else "--data-root"
         raise DataError(f"data root {str(path)!r} (from {how}) is not a directory")
     return path
 
@@ -237,7 +238,7 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
 # -- options -------------------------------------------------------------------------
 
 
-def _check_option_names(name: str, options: Mapping, known: Iterable[str]) -> None:
+def check_option_names(name: str, options: Mapping, known: Iterable[str]) -> None:
     known = sorted(known)
     unknown = sorted(set(options) - set(known))
     if not unknown:
@@ -250,7 +251,7 @@ def _check_option_names(name: str, options: Mapping, known: Iterable[str]) -> No
     )
 
 
-def _int_option(name: str, options: Mapping, key: str, default: int) -> int:
+def int_option(name: str, options: Mapping, key: str, default: int) -> int:
     value = options.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(
@@ -259,7 +260,7 @@ def _int_option(name: str, options: Mapping, key: str, default: int) -> int:
     return value
 
 
-def _floats_option(name: str, options: Mapping, key: str, channels: int) -> tuple[float, ...]:
+def floats_option(name: str, options: Mapping, key: str, channels: int) -> tuple[float, ...]:
     value = options[key]
     ok = isinstance(value, (list, tuple)) and len(value) == channels
     ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)

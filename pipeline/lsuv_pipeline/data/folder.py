@@ -12,7 +12,7 @@ import torch
 
 from .. import moments as mom
 from ..errors import ConfigError, DataError
-from .base import Source, _check_option_names, _floats_option, _int_option, _normalize
+from .base import Source, check_option_names, floats_option, int_option, normalize_images
 
 # -- image folders -------------------------------------------------------------------
 
@@ -25,7 +25,7 @@ _SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val"), "val": ("val", "
 _STATS_CHUNK = 64
 
 
-def _load_imagefolder(name: str, split: str, root: Path, download: bool, options: Mapping):
+def load_imagefolder(name: str, split: str, root: Path, download: bool, options: Mapping):
     """Open ``imagefolder:PATH``: an ImageFolder tree ``PATH/<class>/<image>``, decoded lazily.
 
     ``PATH`` is absolute or relative to the data root. With ``PATH/train``, ``PATH/test`` or
@@ -77,9 +77,9 @@ def _load_imagefolder(name: str, split: str, root: Path, download: bool, options
 
 
 def _folder_settings(name: str, options: Mapping) -> dict:
-    _check_option_names(name, options, _FOLDER_OPTIONS)
-    resize = _int_option(name, options, "resize", 256)
-    crop = _int_option(name, options, "crop", 224)
+    check_option_names(name, options, _FOLDER_OPTIONS)
+    resize = int_option(name, options, "resize", 256)
+    crop = int_option(name, options, "crop", 224)
     if crop > resize:
         raise ConfigError(
             f"option 'crop' of dataset {name!r} ({crop}) must not exceed 'resize' ({resize}): "
@@ -112,8 +112,8 @@ def _folder_settings(name: str, options: Mapping) -> dict:
         raise ConfigError(f"dataset {name!r}: '_computed' goes only with normalize='compute'")
     mean = std = None
     if normalize == "fixed":
-        mean = _floats_option(name, options, "mean", channels) if given else IMAGENET_MEAN
-        std = _floats_option(name, options, "std", channels) if given else IMAGENET_STD
+        mean = floats_option(name, options, "mean", channels) if given else IMAGENET_MEAN
+        std = floats_option(name, options, "std", channels) if given else IMAGENET_STD
     return {
         "resize": resize,
         "crop": crop,
@@ -151,7 +151,7 @@ def _split_folder(name: str, base: Path, split: str) -> Path:
 class _FolderSource(Source):
     """An image folder split: file list and stats in memory, images decoded per batch.
 
-    See :func:`_load_imagefolder` for the layout and the preprocessing. Pickles as its file
+    See :func:`load_imagefolder` for the layout and the preprocessing. Pickles as its file
     list and numbers (no open files, no decoded images).
     """
 
@@ -191,8 +191,8 @@ class _FolderSource(Source):
         self._files_digest = h.hexdigest()
         if mean is None:  # normalize="compute"
             if computed is not None and computed.get("files") == self._files_digest:
-                mean = _floats_option(name, computed, "mean", channels)  # opened before
-                std = _floats_option(name, computed, "std", channels)
+                mean = floats_option(name, computed, "mean", channels)  # opened before
+                std = floats_option(name, computed, "std", channels)
             else:
                 mean, std = self._folder_stats()
         self._mean = torch.tensor(mean, dtype=torch.float32).view(channels, 1, 1)
@@ -244,7 +244,7 @@ class _FolderSource(Source):
         return mean, std
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
-        return _normalize(self._images(start, stop), self._mean, self._std)
+        return normalize_images(self._images(start, stop), self._mean, self._std)
 
     def reopen_options(self) -> dict:
         if not self._stats_computed:

@@ -10,6 +10,14 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 from ..errors import ConfigError, DataError
 from .base import Shard, Source
@@ -69,8 +77,6 @@ def source_from(
             an ``IterableDataset``, or batches that are not floating-point tensors.
         DataError: ``data`` holds no samples.
     """
-    from torch.utils.data import Dataset, IterableDataset
-
     if isinstance(data, Source):
         return data
     if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint):
@@ -198,8 +204,6 @@ class _BatchesSource(Source):
     """
 
     def __init__(self, data, *, name, split, fingerprint, collate) -> None:
-        from torch.utils.data import DataLoader
-
         try:
             batches_count = len(data)
         except TypeError:
@@ -352,8 +356,6 @@ class _BatchesSource(Source):
 
 def _shuffles(loader) -> bool:
     """Whether a ``DataLoader`` draws its order at random."""
-    from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
-
     random = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
     samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
     return any(isinstance(s, random) or getattr(s, "shuffle", False) is True for s in samplers)

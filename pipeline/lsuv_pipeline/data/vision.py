@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, DataError
-from .base import Source, TensorSource, _check_option_names, _int_option
+from .base import Source, TensorSource, check_option_names, int_option
 
 # -- torchvision datasets ------------------------------------------------------------
 
@@ -56,12 +56,12 @@ def _open_torchvision(name: str, cls_name: str, folder: str, root: Path, train: 
         ) from None
 
 
-def _torchvision_idx(cls_name: str, mean: float, std: float) -> Callable[..., Source]:
+def torchvision_idx(cls_name: str, mean: float, std: float) -> Callable[..., Source]:
     """Loader for the MNIST-format datasets of torchvision (IDX files under raw/)."""
 
     def load(name: str, split: str, root: Path, download: bool, options: Mapping) -> Source:
-        _check_option_names(name, options, ("resize",))
-        resize = _int_option(name, options, "resize", 1) if "resize" in options else None
+        check_option_names(name, options, ("resize",))
+        resize = int_option(name, options, "resize", 1) if "resize" in options else None
         train = _train_flag(name, split)
         ds = _open_torchvision(name, cls_name, f"{cls_name}/raw", root, train, download)
         return TensorSource(
@@ -77,14 +77,14 @@ def _torchvision_idx(cls_name: str, mean: float, std: float) -> Callable[..., So
     return load
 
 
-def _torchvision_cifar(
+def torchvision_cifar(
     cls_name: str, folder: str, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> Callable[..., Source]:
     """Loader for CIFAR-10 / CIFAR-100 (torchvision's python-pickle batches under ``folder``)."""
 
     def load(name: str, split: str, root: Path, download: bool, options: Mapping) -> Source:
-        _check_option_names(name, options, ("resize",))
-        resize = _int_option(name, options, "resize", 1) if "resize" in options else None
+        check_option_names(name, options, ("resize",))
+        resize = int_option(name, options, "resize", 1) if "resize" in options else None
         train = _train_flag(name, split)
         ds = _open_torchvision(name, cls_name, folder, root, train, download)
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
