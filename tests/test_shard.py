@@ -6,6 +6,7 @@ from torch import nn
 from lsuv_pipeline.data import Shard, TensorSource
 from lsuv_pipeline.layers import trace
 from lsuv_pipeline.shard import CachedRunner, CachePlan, PassPlan, measure_shard
+from lsuv_pipeline.solve import solve
 
 
 def toy():
@@ -25,14 +26,19 @@ def test_a_cached_pass_measures_what_a_pass_from_the_input_does():
     shard = Shard(0, 0, 200)
     runner = CachedRunner()
     cpu = torch.device("cpu")
+    solved = ()  # the layers before k, solved as a run solves them
     for k, info in enumerate(layers):
         plain = measure_shard(
-            model, src.batches(shard, 50), PassPlan((info,), info, 50), device=cpu
+            model, src.batches(shard, 50), PassPlan((info,), info, 50, solved=solved), device=cpu
         )
-        plan = PassPlan((info,), info, 50, cache=CachePlan("run-1", layers, k, 1 << 30))
+        cache = CachePlan("run-1", layers, k, 1 << 30)
+        plan = PassPlan((info,), info, 50, solved=solved, cache=cache)
         cached = runner.measure(model, lambda: src.batches(shard, 50), shard, plan, cpu, None)
         (a,), (b,) = plain[info.name], cached[info.name]
         assert torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2), info.name
+        solved += (
+            (info.name, solve(a, layer=info.name, mode="tensor", target_std=1.0, has_bias=True)),
+        )
 
 
 def test_another_run_gets_new_segments_even_for_the_same_model_object():
