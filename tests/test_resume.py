@@ -69,7 +69,7 @@ def test_sigkill_anywhere_then_resume_gives_the_same_bytes(
         assert zarr.open_group(str(out), mode="r").attrs["status"] == "running"
     proc = drive("none", out, data_root, "--model", model)
     assert proc.returncode == 0, proc.stderr
-    assert "(resumed)" in proc.stdout
+    assert "(resumed)" in proc.stderr
     assert_same_bytes(out, reference[model])
     assert store_files(out) == store_files(reference[model])  # no temporary file left either
     assert not (out / LOCK_NAME).exists()
@@ -110,7 +110,7 @@ def test_up_to_date_rerun_does_no_pass_and_a_change_is_refused(tmp_path, data_ro
 def test_up_to_date_from_the_command_line(tmp_path, data_root, reference):
     proc = drive("none", reference["mj"], data_root)
     assert proc.returncode == 0, proc.stderr
-    assert "up to date" in proc.stdout
+    assert "up to date" in proc.stderr
 
 
 def test_a_second_writer_is_refused_while_the_first_runs(tmp_path, data_root):
@@ -179,7 +179,7 @@ def test_ctrl_c_stops_after_the_batch_and_says_how_to_resume(tmp_path, data_root
     done = zarr.open_group(str(out), mode="r")["partial/done"][...]
     assert done.tolist() == [1, 1, 1, 0, 0, 0]  # the shards before the batch in flight
     proc = drive("none", out, data_root)
-    assert proc.returncode == 0 and "(resumed)" in proc.stdout
+    assert proc.returncode == 0 and "(resumed)" in proc.stderr
     assert_same_bytes(out, reference["mj"])
 
 

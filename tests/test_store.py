@@ -178,7 +178,7 @@ def test_a_real_full_disk_ends_in_one_line_and_resumes_once_there_is_room(
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     proc = lsuv("compute", "--data-root", data_root, "--out", out, *ARGS)
     assert proc.returncode == 0, proc.stderr
-    assert "(resumed)" in proc.stdout
+    assert "(resumed)" in proc.stderr
     assert_same_bytes(out, reference)
     assert store_files(out) == store_files(reference)
 
@@ -201,7 +201,7 @@ def read_only_copy(tmp_path, reference):
 def test_a_read_only_folder_is_up_to_date_or_one_line(read_only_copy, data_root, tmp_path):
     out = read_only_copy / "run.zarr"
     proc = lsuv("compute", "--data-root", data_root, "--out", out, *ARGS)
-    assert proc.returncode == 0 and "is up to date" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and "is up to date" in proc.stderr, proc.stderr
     proc = lsuv("compute", "--data-root", data_root, "--out", out, *ARGS, "--mode", "channel")
     assert proc.returncode == 1
     assert error_line(proc.stderr) == (
@@ -236,7 +236,7 @@ def test_export_to_an_unwritable_place_is_one_error(tmp_path, reference, monkeyp
     def refuse(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system")
 
-    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
     with pytest.raises(StoreError, match=r"read-only file system \(writing the exported weights\)"):
         export(reference, tmp_path / "init.pt")
 
@@ -287,7 +287,7 @@ def test_a_run_that_fails_before_writing_leaves_nothing(tmp_path, data_root, cas
     args = [broken_jpegs(tmp_path) if a == "JPEGS" else a for a in args]
     out = tmp_path / "new" / "deeper" / "run.zarr"
     result = invoke("compute", "--data-root", data_root, "--out", out, *ARGS, *args)
-    one_line(result, message)
+    one_line(result, message, code=2 if case == "include matches nothing" else 1)
     assert not (tmp_path / "new").exists()
 
 
@@ -410,3 +410,31 @@ def test_open_run_and_show_read_a_good_store(reference):
     run = open_run(reference)
     run.check()
     assert invoke("show", reference).exit_code == 0
+
+
+# -- the store outside the tool ------------------------------------------------------
+
+
+def test_xarray_opens_the_moments_with_named_dimensions(reference):
+    xr = pytest.importorskip("xarray")
+    layer = xr.open_zarr(reference, group="layers/conv2", consolidated=True)
+    assert layer["mean"].dims == ("channel",) and layer.sizes["channel"] == 16
+    assert layer["var"].dims == ("channel",) and layer["scale"].dims == ()
+    after = xr.open_zarr(reference, group="verify/test/conv2", consolidated=True)
+    assert after["mean"].dims == ("channel",)
+    final = xr.open_zarr(reference, group="final", consolidated=True)
+    assert final["conv2.weight"].dims == tuple(f"conv2.weight.dim{i}" for i in range(4))
+    tree = xr.open_datatree(reference, engine="zarr", consolidated=True)
+    assert float(tree["layers/l1/var"].mean()) > 0
+    root = json.loads((reference / "zarr.json").read_text())
+    assert "layers/conv2/mean" in root["consolidated_metadata"]["metadata"]
+
+
+def test_stale_consolidated_metadata_is_found_by_verify(tmp_path, data_root, reference):
+    path = copy_of(reference, tmp_path)
+    meta = path / "layers" / "conv2" / "mean" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["dimension_names"] = ["other"]
+    meta.write_text(json.dumps(doc))
+    result = invoke("verify", path, "--data-root", data_root, "-q", "--device", "cpu")
+    one_line(result, "'layers/conv2/mean': its metadata differs from the consolidated copy")

@@ -10,6 +10,7 @@ weights. Nothing is unpickled: the arrays are Zarr chunks checked against their 
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from . import moments as mom
 from .config import RunConfig
 from .errors import StoreError, write_error
 from .layers import LayerInfo, Unsolved
-from .report import LayerStats, format_table, plot_stats, with_unsolved
+from .page import write_report
+from .report import LayerStats, format_table, plot_stats, run_title, with_unsolved
 from .schema import Section
 from .store import RunStore
 
@@ -32,6 +34,7 @@ __all__ = [
     "Run",
     "check_fits",
     "export",
+    "export_bytes",
     "load_init",
     "open_run",
     "resolve_checkpoint",
@@ -87,6 +90,10 @@ class Run:
             **record.attrs,
         }
 
+    def layer_attrs(self, name: str) -> dict:
+        """A committed layer's attributes (passes, residuals, ...); ``{}`` if not committed."""
+        return self._store.layer_attrs(name)
+
     def moments(self, section: str, name: str) -> mom.Moments:
         """Per-channel moments of a layer, e.g. ``moments("verify/test", "conv1")``."""
         kind, _, split = section.partition("/")
@@ -104,23 +111,65 @@ class Run:
         """Per-layer statistics as far as the run got."""
         return run_stats(self._store)
 
+    @property
+    def splits(self) -> list[str]:
+        """The solved split, then the held-out one if the run has one."""
+        return [s for s in (self.config.split, self.config.holdout) if s]
+
+    def passes(self, name: str) -> list[mom.Moments]:
+        """The output moments of each recorded pass of a layer solved in more than one pass
+        (its calls pooled): pass 1 with the initial weights, pass k with the update of step
+        k - 1. Empty for a layer solved in one step (only iterated layers' passes are kept).
+        """
+        out = []
+        for index in range(1, int(self._store.layer_attrs(name).get("passes", 0)) + 1):
+            calls = self._store.read_pass(name, index)
+            if calls is None:
+                break
+            out.append(mom.merge_all(calls))
+        return out
+
     def plot(self, path: str | os.PathLike) -> Path:
-        """Draw per-layer mean and std before and after LSUV to a PNG; return its path."""
-        splits = [s for s in (self.config.split, self.config.holdout) if s]
-        title = (
-            f"{self.attrs.get('model', {}).get('class', self.config.model)} on "
-            f"{self.config.dataset} ({self.config.mode} mode)"
-        )
+        """Draw per-layer std, mean and residuals before and after LSUV; return the path.
+
+        The format follows the extension (``.png``, ``.svg``, ``.pdf``); the title names
+        the model, dataset and sample counts (see :func:`report.plot_stats`).
+
+        Raises:
+            ConfigError: Another extension.
+            StoreError: The folder of ``path`` does not exist (none is created).
+        """
         return plot_stats(
-            self.stats(), path, splits=splits, target_std=self.config.target_std, title=title
+            self.stats(),
+            path,
+            splits=self.splits,
+            solve_split=self.config.split,
+            target_std=self.config.target_std,
+            tol=self.config.tol,
+            mode=self.config.mode,
+            title=run_title(self.attrs),
         )
+
+    def report(self, folder: str | os.PathLike) -> Path:
+        """Write the run's report page, ``folder/index.html``; return its path.
+
+        One self-contained HTML file (plots inline as SVG, no external reference, so it
+        renders offline): provenance, status and verdict, the per-layer table, the plot,
+        and the convergence of layers solved in more than one pass. One folder holds one
+        run's page; a second report into it replaces the page. The folder is created when
+        its parent exists; the page is written whole or not at all, with the mode a new
+        file gets (0o666 less the umask).
+
+        Raises:
+            StoreError: The folder's parent does not exist, or it cannot be written.
+        """
+        return write_report(self, folder)
 
     def table(self) -> str:
         """The per-layer table, as ``compute`` prints it."""
-        splits = [s for s in (self.config.split, self.config.holdout) if s]
         return format_table(
             self.stats(),
-            splits=splits,
+            splits=self.splits,
             solve_split=self.config.split,
             target_std=self.config.target_std,
             tol=self.config.tol,
@@ -264,28 +313,42 @@ def load_init(
     return model
 
 
-def export(source: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write a finished run's final state dict to ``out`` for ``torch.load(weights_only=True)``.
-
-    The file is written beside ``out`` and renamed into place, so ``out`` is never partial.
-    """
+def _final_state(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = resolve_checkpoint(source)
     store = RunStore.open(path)
     if store.attrs.get("status") != "complete":
         raise StoreError(f"{str(path)!r} is not complete; nothing to export")
     store.check_consistency()
-    state = store.read_state("final")
+    return store.read_state("final")
+
+
+def export_bytes(source: str | os.PathLike) -> bytes:
+    """A finished run's final state dict as the bytes ``torch.save`` writes to a stream."""
+    buffer = io.BytesIO()
+    torch.save(_final_state(source), buffer)
+    return buffer.getvalue()
+
+
+def export(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write a finished run's final state dict to ``out`` for ``torch.load(weights_only=True)``.
+
+    The file is what ``torch.save(state, out)`` writes, with the mode a new file gets
+    (0o666 less the umask). It is written in a temporary folder beside ``out`` and renamed
+    into place, so ``out`` is never partial. ``out``'s folder must exist.
+
+    Raises:
+        StoreError: An incomplete or damaged run, a missing folder, or a failed write.
+    """
+    state = _final_state(source)
     out = Path(out)
-    tmp = None
+    if not out.parent.is_dir():
+        what = "is not a folder" if out.parent.exists() else "does not exist"
+        raise StoreError(f"cannot write {str(out)!r}: its folder {str(out.parent)!r} {what}")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-        os.close(fd)
-        torch.save(state, tmp)
-        os.replace(tmp, out)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+            file = Path(tmp) / out.name
+            torch.save(state, file)  # a new file: mode 0o666 less the umask
+            os.replace(file, out)
     except OSError as exc:
         raise write_error(out, "the exported weights", exc) from None
-    finally:
-        if tmp is not None and Path(tmp).exists():
-            Path(tmp).unlink(missing_ok=True)
     return out

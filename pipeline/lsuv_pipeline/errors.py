@@ -1,7 +1,8 @@
 """The error tree: every failure a user can cause derives from :class:`LsuvError`.
 
-The CLI turns an :class:`LsuvError` into a one-line message and a non-zero exit; anything
-else is a bug and keeps its traceback.
+The CLI turns an :class:`LsuvError` into a one-line message and a non-zero exit (2 for a
+:class:`ConfigError`, a usage mistake; 3 for :class:`OffTarget`; 130 for
+:class:`Interrupted`; 1 for the rest); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ __all__ = [
     "OffTarget",
     "ReadOnlyStore",
     "StoreError",
+    "UnknownDataset",
+    "UnknownModel",
     "first_line",
     "write_error",
 ]
@@ -39,6 +42,14 @@ class DataError(LsuvError):
 
 class ModelError(LsuvError):
     """A model that is unknown, cannot be built, or cannot run on the data."""
+
+
+class UnknownDataset(ConfigError, DataError):
+    """A dataset name that names no dataset (a usage mistake, not missing data)."""
+
+
+class UnknownModel(ConfigError, ModelError):
+    """A model name that names no model, or a ``package.module:factory`` of another form."""
 
 
 class LayerError(LsuvError):

@@ -150,7 +150,7 @@ class LayerLoop:
             solution, res, passes = self._refine(k, info, before, solution, rule)
             converged = res.within(config.tol)
             if not converged:
-                self.setup.ctx.progress.note(
+                self.setup.ctx.progress.warn(
                     f"warning: layer {info.name!r} did not converge in {passes} passes "
                     f"(|mean| {res.mean:.2e}, |std - target| {res.std:.2e}, tol {config.tol:g})"
                 )

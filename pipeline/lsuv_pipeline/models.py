@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import ModelError
+from .errors import ModelError, UnknownModel
 
 __all__ = [
     "MJ",
@@ -136,7 +136,7 @@ def _user_factory(name: str) -> Callable[..., nn.Module]:
     """Resolve ``package.module:factory``; the factory gets only the user's kwargs."""
     module_name, _, attr = name.partition(":")
     if not module_name or not attr:
-        raise ModelError(f"--model {name!r}: expected package.module:factory")
+        raise UnknownModel(f"--model {name!r}: expected package.module:factory")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
@@ -169,7 +169,7 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
         return _user_factory(name)
     if name in torchvision_models():
         return _torchvision(name)
-    raise ModelError(
+    raise UnknownModel(
         f"unknown model {name!r}; use mj, a torchvision classification model "
         "(resnet18, vgg11_bn, mobilenet_v3_small, efficientnet_b0, ...) or "
         "package.module:factory"

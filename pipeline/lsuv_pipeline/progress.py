@@ -24,13 +24,20 @@ class Progress:
     def note(self, text: str) -> None:
         """A message worth showing between passes."""
 
+    def warn(self, text: str) -> None:
+        """A message shown even when notes are not: warnings, and which layers the run
+        solves and leaves (default: a note)."""
+        self.note(text)
+
 
 class TqdmProgress(Progress):
-    """One tqdm bar per pass on stderr (unless ``bars=False``), messages between them."""
+    """One tqdm bar per pass on stderr (unless ``bars=False``), messages between them
+    (notes unless ``notes=False``; warnings always)."""
 
-    def __init__(self, *, bars: bool = True) -> None:
+    def __init__(self, *, bars: bool = True, notes: bool = True) -> None:
         self._bar = None
         self._bars = bars
+        self._notes = notes
 
     def pass_started(self, label: str, total: int) -> None:
         if not self._bars:
@@ -47,6 +54,10 @@ class TqdmProgress(Progress):
             self._bar = None
 
     def note(self, text: str) -> None:
+        if self._notes:
+            tqdm.write(text, file=sys.stderr)
+
+    def warn(self, text: str) -> None:
         tqdm.write(text, file=sys.stderr)
 
 

@@ -1,16 +1,36 @@
-"""Tables and plots of per-layer statistics. Shows what others measured; computes nothing."""
+"""Tables, plots and report files of per-layer statistics. Shows what others measured and
+computes nothing of its own but pooling measured moments and ``solve.residual``'s rule."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import figures
 from . import moments as mom
+from .errors import ConfigError, StoreError, write_error
 from .solve import Mode, residual
 
-__all__ = ["LayerStats", "format_table", "plot_stats", "with_unsolved"]
+__all__ = [
+    "FLAGS",
+    "LayerStats",
+    "Table",
+    "check_output",
+    "format_table",
+    "plot_stats",
+    "row_flags",
+    "row_notes",
+    "run_title",
+    "table_rows",
+    "with_unsolved",
+    "write_atomic",
+]
+
+#: Kinds of flag a layer's row can carry, most severe first (see :func:`table_rows`).
+FLAGS = ("not solved", "off target", "not converged", "no bias")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +69,23 @@ class LayerStats:
         return res.within(tol)
 
 
+@dataclass(frozen=True)
+class Table:
+    """The per-layer table as cells, for text (:func:`format_table`) and HTML.
+
+    Attributes:
+        head: Column names; the last is ``"note"``.
+        body: One row of cells per layer, in forward order; the last cell is the note.
+        flags: Per row, the kinds of :data:`FLAGS` its note raises (empty: nothing to say).
+        notes: Per row, the notes its note cell joins, one per flag.
+    """
+
+    head: list[str]
+    body: list[list[str]]
+    flags: list[list[str]]
+    notes: list[list[str]]
+
+
 def with_unsolved(stats: Sequence[LayerStats], unsolved: Sequence) -> list[LayerStats]:
     """The solved layers' rows with rows for the layers a run leaves (``layers.Unsolved``)
     in their forward-order places."""
@@ -64,18 +101,70 @@ def with_unsolved(stats: Sequence[LayerStats], unsolved: Sequence) -> list[Layer
     return rows
 
 
-def _pooled(m: mom.Moments | None) -> tuple[float, float] | None:
-    if m is None or m.count == 0:
-        return None
-    t = mom.reduce_channels(m)
-    return t.mean.item(), t.std.item()
-
-
 def _cell(m: mom.Moments | None) -> list[str]:
-    p = _pooled(m)
+    p = figures.pooled(m)
     if p is None:
         return ["-", "-"]
     return [f"{p[0]:+.2e}", f"{p[1]:.6f}"]
+
+
+def row_flags(
+    row: LayerStats, *, judged: Mapping[str, float], mode: Mode, target_std: float
+) -> list[tuple[str, str]]:
+    """The flags of one row as ``(kind, note)`` pairs (kinds of :data:`FLAGS`), in the order
+    the table prints them: not solved (with the reason), NOT CONVERGED, no bias, and OFF
+    TARGET on each split of ``judged`` (split to tolerance) where it was measured."""
+    notes = []
+    if row.reason:
+        notes.append(("not solved", f"not solved: {row.reason}"))
+    elif not row.solved:
+        notes.append(("not solved", "not solved yet"))
+    elif not row.converged:
+        notes.append(("not converged", "NOT CONVERGED"))
+    if not row.has_bias and not row.reason:
+        notes.append(("no bias", "no bias: mean not solved"))
+    for split, tol in judged.items():
+        on = row.on_target(split, mode=mode, target_std=target_std, tol=tol)
+        if on is False and not row.reason:
+            notes.append(("off target", f"{split} OFF TARGET by > {tol:g}"))
+    return notes
+
+
+def row_notes(
+    row: LayerStats, *, judged: Mapping[str, float], mode: Mode, target_std: float
+) -> list[str]:
+    """The notes of one row, as the table's note column joins them (see :func:`row_flags`)."""
+    return [n for _, n in row_flags(row, judged=judged, mode=mode, target_std=target_std)]
+
+
+def table_rows(
+    rows: Sequence[LayerStats],
+    *,
+    splits: Sequence[str],
+    solve_split: str,
+    target_std: float,
+    tol: float,
+    mode: Mode = "tensor",
+) -> Table:
+    """Return the per-layer table's cells: layer, mean/std before, after per split, passes,
+    note (see :func:`format_table`), and each row's flags."""
+    show_before = any(r.before is not None for r in rows)
+    splits = [s for s in splits if any(s in r.after for r in rows)]
+    head = ["layer", "kind"] + (["mean before", "std before"] if show_before else [])
+    for split in splits:
+        head += [f"mean {split}", f"std {split}"]
+    head += ["passes", "note"]
+    body, flags, notes = [], [], []
+    judged = {solve_split: tol} if solve_split else {}
+    for r in rows:
+        cells = [r.name or "(model)", r.kind, *(_cell(r.before) if show_before else [])]
+        for split in splits:
+            cells += _cell(r.after.get(split))
+        pairs = row_flags(r, judged=judged, mode=mode, target_std=target_std)
+        body.append([*cells, str(r.passes) if r.solved else "-", "; ".join(n for _, n in pairs)])
+        flags.append([kind for kind, _ in pairs])
+        notes.append([note for _, note in pairs])
+    return Table(head, body, flags, notes)
 
 
 def format_table(
@@ -95,31 +184,10 @@ def format_table(
     rule of ``solve.residual`` (per channel in channel mode); held-out splits are shown,
     not judged.
     """
-    show_before = any(r.before is not None for r in rows)
-    splits = [s for s in splits if any(s in r.after for r in rows)]
-    head = ["layer", "kind"] + (["mean before", "std before"] if show_before else [])
-    for split in splits:
-        head += [f"mean {split}", f"std {split}"]
-    head += ["passes", "note"]
-    body = []
-    for r in rows:
-        cells = [r.name or "(model)", r.kind, *(_cell(r.before) if show_before else [])]
-        notes = []
-        if r.reason:
-            notes.append(f"not solved: {r.reason}")
-        elif not r.solved:
-            notes.append("not solved yet")
-        elif not r.converged:
-            notes.append("NOT CONVERGED")
-        if not r.has_bias and not r.reason:
-            notes.append("no bias: mean not solved")
-        for split in splits:
-            cells += _cell(r.after.get(split))
-            on = r.on_target(split, mode=mode, target_std=target_std, tol=tol)
-            if split == solve_split and on is False and not r.reason:
-                notes.append(f"{split} OFF TARGET by > {tol:g}")
-        cells += [str(r.passes) if r.solved else "-", "; ".join(notes)]
-        body.append(cells)
+    table = table_rows(
+        rows, splits=splits, solve_split=solve_split, target_std=target_std, tol=tol, mode=mode
+    )
+    head, body = table.head, table.body
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
@@ -128,55 +196,141 @@ def format_table(
     return "\n".join(lines)
 
 
+def run_title(attrs: Mapping) -> str:
+    """A run's one-line description from its root attributes, e.g. ``"mj on mnist (tensor
+    mode): train 5000 samples, test 5000 samples (limit 5000)"``.
+
+    Counts are the ones the run recorded (``dataset`` and ``holdout``); a split whose count
+    is not recorded is named without one.
+    """
+    config = attrs.get("config") or {}
+    model = attrs.get("model") or {}
+    name = model.get("name") or str(model.get("class") or config.get("model", "?"))
+    if not model.get("name"):
+        name = name.rpartition(".")[2]
+    data = attrs.get("dataset") or {}
+    text = f"{name} on {data.get('name', config.get('dataset', '?'))}"
+    text += f" ({config.get('mode', 'tensor')} mode)"
+    limit = config.get("limit")
+    parts, cut = [], -1
+    for record in (data, attrs.get("holdout")):
+        if not isinstance(record, Mapping) or not record:
+            continue
+        count, split = record.get("count"), record.get("split", "?")
+        parts.append(f"{split} {count} samples" if isinstance(count, int) else f"{split} split")
+        if limit is not None and count == limit:
+            cut = len(parts) - 1  # the limit is named once, after the last count it cut
+    if not isinstance(attrs.get("holdout"), Mapping) and config.get("holdout"):
+        parts.append(f"{config['holdout']} split")
+    if cut >= 0:
+        parts[cut] += f" (limit {limit})"
+    return text + (": " + ", ".join(parts) if parts else "")
+
+
+def check_output(path: str | os.PathLike, what: str) -> Path:
+    """Return ``path`` if a file can be written there: its folder exists (none is created).
+
+    Raises:
+        StoreError: The folder is missing, or a part of the path is a file.
+    """
+    path = Path(path)
+    folder = path.parent
+    if not folder.exists():
+        raise StoreError(
+            f"cannot write {what} to {str(path)!r}: the folder {str(folder)!r} does not exist"
+        )
+    if not folder.is_dir():
+        raise StoreError(f"cannot write {what} to {str(path)!r}: {str(folder)!r} is a file")
+    if path.is_dir():
+        raise StoreError(f"cannot write {what} to {str(path)!r}: it is a folder")
+    return path
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, what: str) -> Path:
+    """Write ``data`` to ``path`` whole or not at all: a temporary file in the same folder,
+    renamed into place. The file's mode is ``0o666`` less the umask, as for ``open``.
+
+    Raises:
+        StoreError: Naming ``what`` and the path, when the folder is missing or unwritable.
+    """
+    path = check_output(path, what)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(path, what, exc) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def plot_stats(
     rows: Sequence[LayerStats],
     path: str | os.PathLike,
     *,
     splits: Sequence[str],
+    solve_split: str | None = None,
     target_std: float = 1.0,
+    tol: float | None = None,
+    mode: Mode = "tensor",
     title: str = "",
 ) -> Path:
-    """Draw per-layer std (top, log scale) and mean (bottom), before and after, to a PNG.
+    """Draw per-layer std, mean and residuals before and after LSUV to an image file.
 
-    One line per series: "before" (initial weights, training split) and "after" per split;
-    the target std and mean 0 are drawn as reference lines.
+    Three panels share the layer axis (forward order): the output std before and after per
+    split (log scale, the target as a line), the mean, and after LSUV the residuals
+    |std - target| and |mean| per split (``solve.residual``'s rule, log scale; exactly 0
+    is drawn on a marked floor). Every series has its own colour and marker. Layers the
+    table flags (not solved, not converged, off target, no bias) are shaded, their tick
+    labels coloured, and the flags named in a legend; a layer without bias has its mean
+    marked "no bias", not judged.
+
+    Args:
+        rows: Per-layer statistics in forward order.
+        path: The file; its extension picks the format (``.png`` at 150 dpi, ``.svg``,
+            ``.pdf``). Its folder must exist.
+        splits: The splits measured after LSUV, the solved one first.
+        solve_split: The split judged for "off target" (default: the first of ``splits``).
+        target_std: The std the run aimed at.
+        tol: The tolerance judged by, drawn on the residual panel; ``None``: nothing judged.
+        mode: ``"tensor"`` or ``"channel"`` (residuals are the worst channel's).
+        title: Figure title (see :func:`run_title`).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ConfigError: An extension other than ``.png``, ``.svg``, ``.pdf``.
+        StoreError: The folder does not exist or cannot be written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r.name or "(model)" for r in rows]
-    x = list(range(len(rows)))
-    series = [("before (initial weights)", lambda r: r.before, "tab:gray", "o")]
-    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
-    for i, split in enumerate(splits):
-        series.append((f"after LSUV, {split}", lambda r, s=split: r.after.get(s), colours[i], "s"))
-    width = max(6.0, 0.38 * len(rows) + 2.5)
-    fig, (ax_std, ax_mean) = plt.subplots(2, 1, figsize=(width, 6.5), sharex=True)
-    for label, get, colour, marker in series:
-        points = [(i, _pooled(get(r))) for i, r in zip(x, rows, strict=True)]
-        points = [(i, p) for i, p in points if p is not None]
-        if not points:
-            continue
-        xs = [i for i, _ in points]
-        ax_std.plot(xs, [p[1] for _, p in points], marker=marker, color=colour, label=label)
-        ax_mean.plot(xs, [p[0] for _, p in points], marker=marker, color=colour, label=label)
-    ax_std.axhline(target_std, color="black", lw=0.8, ls="--", label=f"target std {target_std:g}")
-    ax_std.set_yscale("log")
-    ax_std.set_ylabel("output std")
-    ax_std.legend(fontsize=8, loc="best")
-    ax_mean.axhline(0.0, color="black", lw=0.8, ls="--")
-    ax_mean.set_ylabel("output mean")
-    ax_mean.set_xticks(x)
-    ax_mean.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
-    ax_std.grid(alpha=0.3)
-    ax_mean.grid(alpha=0.3)
-    if title:
-        ax_std.set_title(title)
-    fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in figures.FORMATS:
+        raise ConfigError(
+            f"cannot draw the plot to {str(path)!r}: unknown file type {path.suffix or '(none)'!r}"
+            f"; use one of {', '.join('.' + f for f in figures.FORMATS)}"
+        )
+    check_output(path, "the plot")
+    solve_split = splits[0] if solve_split is None and splits else solve_split or ""
+    table = table_rows(
+        rows,
+        splits=splits,
+        solve_split=solve_split if tol is not None else "",  # no tolerance: nothing judged
+        target_std=target_std,
+        tol=tol or 0.0,
+        mode=mode,
+    )
+    fig = figures.stats_figure(
+        rows,
+        splits=splits,
+        flags=table.flags,
+        target_std=target_std,
+        tol=tol,
+        solve_split=solve_split,
+        mode=mode,
+        title=title,
+    )
+    return write_atomic(path, figures.render(fig, fmt), "the plot")

@@ -183,7 +183,7 @@ def _locked(run: _Run, executors) -> RunResult:
             if hasattr(ex, "dashboard"):
                 run.progress.note(f"{ex.description}; dashboard: {ex.dashboard}")
             if stale:
-                run.progress.note(
+                run.progress.warn(
                     f"took over the lock of a writer that is gone (pid {stale.get('pid')})"
                 )
             store = _existing(run) if exists else None
@@ -371,7 +371,7 @@ def _solve(run: _Run, store: RunStore | None, ctx: PassContext) -> RunResult:
     plan = plan_layers(
         model, traced, include=config.include, exclude=config.exclude, mode=config.mode
     )
-    run.progress.note(_listing(plan))
+    run.progress.warn(_listing(plan))  # shown even with -q: what is solved and what is not
     resumed = store is not None
     store = _start(run, store, plan, ctx.executor.numerics(run.device))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -410,7 +410,7 @@ def _solve(run: _Run, store: RunStore | None, ctx: PassContext) -> RunResult:
     record, new = with_mixed(store.attrs.get("numerics") or {}, ctx.executor.mixed)
     if new:
         store.update_attrs({"numerics": record})
-        run.progress.note(
+        run.progress.warn(
             f"note: {new} other numerics fingerprint(s) computed shards of this run "
             "(--allow-mixed-hardware); recorded in the store, whose bytes now depend on "
             "which worker ran which shard"

@@ -48,9 +48,12 @@ from .lock import LOCK_NAME
 from .partial import Partial
 from .schema import SCHEMA, TOOL, Section, check_root, layer_key
 from .solve import Solution
-from .zarrio import CheckedGroup, sweep_temp_files
+from .zarrio import CheckedGroup, consolidate, sweep_temp_files
 
 __all__ = ["LayerRecord", "Partial", "RunStore"]
+
+#: The dimension of per-channel arrays (moments, scale and shift in channel mode).
+CHANNEL = ("channel",)
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,10 @@ class RunStore(CheckedGroup):
         attrs = cls._root_attrs(path)
         check_root(path, attrs)
         try:
-            group = zarr.open_group(str(path), mode="r+" if write else "r", zarr_format=3)
+            # the nodes' own metadata, never the consolidated copy kept for other readers
+            group = zarr.open_group(
+                str(path), mode="r+" if write else "r", zarr_format=3, use_consolidated=False
+            )
         except Exception as exc:
             raise StoreError(f"{str(path)!r} cannot be read as a Zarr v3 group: {exc}") from None
         if write:
@@ -181,7 +187,7 @@ class RunStore(CheckedGroup):
         """Write a state dict under ``kind`` (``"initial"`` or ``"final"``)."""
         group = self._sub(kind, create=True)
         for name, value in state.items():
-            self._put(group, name, value)
+            self._put(group, name, value)  # dims: <param>.dim0, ...
         with self._writing(f"group {kind}"):
             group.attrs.update({"names": list(state), "complete": True})
 
@@ -196,9 +202,9 @@ class RunStore(CheckedGroup):
     # -- moments -----------------------------------------------------------------
 
     def _put_moments(self, group, m: mom.Moments) -> None:
-        self._put(group, "count", torch.full(m.mean.shape, m.count, dtype=torch.int64))
-        self._put(group, "mean", m.mean)
-        self._put(group, "var", m.var)
+        self._put(group, "count", torch.full(m.mean.shape, m.count, dtype=torch.int64), CHANNEL)
+        self._put(group, "mean", m.mean, CHANNEL)
+        self._put(group, "var", m.var, CHANNEL)
 
     def _get_moments(self, where: str) -> mom.Moments:
         count = self._get(f"{where}/count")
@@ -232,8 +238,8 @@ class RunStore(CheckedGroup):
         where = f"layers/{key}"
         group = self._sub(where, create=True)
         self._put_moments(group, before)
-        self._put(group, "scale", solution.scale)
-        self._put(group, "shift", solution.shift)
+        self._put(group, "scale", solution.scale, CHANNEL)  # () in tensor mode
+        self._put(group, "shift", solution.shift, CHANNEL)
         with self._writing(f"layer {key}"):
             group.attrs.update({**attrs, "committed": True})
 
@@ -291,7 +297,7 @@ class RunStore(CheckedGroup):
         """
         self.check_consistency()
         # the root is checked on open; the partial record as its shards are read
-        problems = self.check_arrays(skip=("partial",))
+        problems = self.check_arrays(skip=("partial",)) + self.check_consolidated()
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
             raise StoreError(f"{str(self.path)!r} is damaged: " + "; ".join(problems[:5]) + more)
@@ -328,8 +334,11 @@ class RunStore(CheckedGroup):
                     ("mean", (n_shards, calls, channels), "float64"),
                     ("m2", (n_shards, calls, channels), "float64"),
                 ):
-                    sub.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=dtype)
-            group.create_array("done", shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0)
+                    dims = ("shard", "call", *CHANNEL)[: len(shape)]
+                    sub.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=dtype,
+                                     dimension_names=dims)  # fmt: skip
+            group.create_array("done", shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0,
+                               dimension_names=("shard",))  # fmt: skip
             group.attrs.update(spec)  # last: a partial group with these attrs is usable
         return Partial(group, keyed, names, self._writing)
 
@@ -337,9 +346,10 @@ class RunStore(CheckedGroup):
         """Record the merged per-call moments of pass ``index`` of an iterated layer."""
         key = layer_key(name)
         group = self._sub(f"passes/{key}/{index}", create=True)
-        self._put(group, "count", torch.tensor([c.count for c in calls], dtype=torch.int64))
-        self._put(group, "mean", torch.stack([c.mean for c in calls]))
-        self._put(group, "m2", torch.stack([c.m2 for c in calls]))
+        counts = torch.tensor([c.count for c in calls], dtype=torch.int64)
+        self._put(group, "count", counts, ("call",))
+        self._put(group, "mean", torch.stack([c.mean for c in calls]), ("call", *CHANNEL))
+        self._put(group, "m2", torch.stack([c.m2 for c in calls]), ("call", *CHANNEL))
         with self._writing(f"group passes/{key}/{index}"):
             group.attrs.update({"complete": True})
 
@@ -362,3 +372,4 @@ class RunStore(CheckedGroup):
                 del self._group["partial"]
             sweep_temp_files(self.path)
             self._group.attrs.update({"status": "complete"})
+            consolidate(self.path)

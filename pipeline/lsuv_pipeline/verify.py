@@ -32,6 +32,8 @@ class Verification:
 
     Attributes:
         split: The split measured.
+        tol: The tolerance the split was judged by, or ``None`` for a held-out split that
+            was reported, not judged.
         layers: Per-layer statistics (``after[split]`` holds the measurement).
         failures: Layers off target within ``tol`` (``solve.residual``'s rule: std, and the
             mean of a layer with a bias, per channel in channel mode).
@@ -39,7 +41,7 @@ class Verification:
 
     split: str
     config: RunConfig
-    tol: float
+    tol: float | None
     layers: list[LayerStats]
     failures: list[str]
 
@@ -47,13 +49,18 @@ class Verification:
     def ok(self) -> bool:
         return not self.failures
 
+    @property
+    def judged(self) -> dict[str, float]:
+        """The split judged and its tolerance (empty for a split only reported)."""
+        return {} if self.tol is None else {self.split: self.tol}
+
     def table(self) -> str:
         return format_table(
             self.layers,
             splits=[self.split],
-            solve_split=self.split,
+            solve_split=self.split if self.tol is not None else "",
             target_std=self.config.target_std,
-            tol=self.tol,
+            tol=self.tol or 0.0,
             mode=self.config.mode,
         )
 
@@ -79,12 +86,28 @@ def _model(run, model: nn.Module | None, data) -> nn.Module:
     return model_for(run.config, None, data)[0]
 
 
+def _check_measurable(run, split: str) -> None:
+    """Refuse, before any pass, a split that was read from data the caller gave."""
+    for record in (run.attrs.get("dataset"), run.attrs.get("holdout")):
+        if not isinstance(record, dict) or record.get("split") != split:
+            continue
+        user = (record.get("transform") or {}).get("user")
+        if user:
+            raise ConfigError(
+                f"{str(run.path)!r}: its {split!r} split was given by the caller "
+                f"({user.get('type', '?')}, labelled {record.get('name')!r}), so it cannot be "
+                "read again by name; every array of the store checked intact. Re-measure it "
+                "from Python: verify(path, split=..., data=<the same samples>)"
+            )
+
+
 @keeps_callers_rng
 def verify(
     source: str | Path,
     *,
     split: str = "train",
     tol: float = 1e-4,
+    holdout_tol: float | None = None,
     model: nn.Module | None = None,
     data=None,
     collate=None,
@@ -99,22 +122,30 @@ def verify(
     Args:
         source: A run store path or a shipped checkpoint's name.
         split: The split to measure (``"train"``, ``"test"``).
-        tol: Tolerance on |mean| and |std - target| per layer.
+        tol: Tolerance on |mean| and |std - target| per layer, on the split the run solved.
+        holdout_tol: The tolerance for any other split (held out); ``None``: measure and
+            report it, judge nothing. A held-out split is near the target, not at it: by
+            how much it differs from the solved one.
         model: The model to load the weights into (default: built from the run's config).
         data: The split's samples, for a run computed on your own data (see ``compute``).
         collate, data_root, download, device, executor, progress: As for ``compute``.
 
     Returns:
-        A :class:`Verification`; ``ok`` is false when some layer misses ``tol``.
+        A :class:`Verification`; ``ok`` is false when some layer misses its tolerance.
 
     Raises:
         StoreError: A damaged array anywhere in the store (every one is read first).
+        ConfigError: A run made from data the caller gave, without ``data``.
     """
-    if not (tol > 0):
-        raise ConfigError(f"--tol must be a positive number, got {tol}")
+    for name, value in (("--tol", tol), ("--holdout-tol", holdout_tol)):
+        if value is not None and not (value > 0):
+            raise ConfigError(f"{name} must be a positive number, got {value}")
     run = open_run(source)
     run.check()  # every array's checksum first: damage anywhere is found, not only here
     config = run.config
+    if data is None:
+        _check_measurable(run, split)
+    tol = tol if split == config.split else holdout_tol
     dev = resolve_device(device)
     root = resolve_root(data_root) if data is None else Path(".")
     data = open_split(config, split, root=root, download=download, data=data, collate=collate)
@@ -132,7 +163,9 @@ def verify(
         row = LayerStats(name=info.name, kind=info.kind, passes=r.passes, converged=r.converged,
                          has_bias=r.has_bias, before=r.before,
                          after={split: mom.merge_all(measured[info.name])})  # fmt: skip
-        if not row.on_target(split, mode=config.mode, target_std=config.target_std, tol=tol):
+        on = tol is None or row.on_target(split, mode=config.mode,
+                                          target_std=config.target_std, tol=tol)  # fmt: skip
+        if not on:
             failures.append(info.name)
         stats.append(row)
     for module in model.modules():

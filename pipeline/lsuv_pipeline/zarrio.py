@@ -22,14 +22,17 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
+from zarr.errors import ZarrUserWarning
 
 from .errors import StoreError, first_line, write_error
 
-__all__ = ["CheckedGroup", "sweep_temp_files"]
+__all__ = ["CheckedGroup", "consolidate", "sweep_temp_files"]
 
 
 _TORCH_DTYPES = {
@@ -151,13 +154,21 @@ class CheckedGroup:
         """Whether the group at ``where`` exists and has the attribute ``name`` set."""
         return self.has(where) and bool(self._node(where).attrs.get(name))
 
-    def _put(self, group, name: str, value: torch.Tensor) -> None:
+    def _put(self, group, name: str, value: torch.Tensor, dims: tuple[str, ...] = ()) -> None:
+        """Write one array, one chunk, with its checksum and torch dtype.
+
+        ``dims`` names its dimensions (for xarray and other readers); by default they are
+        ``<name>.dim0``, ``<name>.dim1``, ... (unique, so no two arrays of a group clash).
+        """
         data, dtype = _to_numpy(value)
+        if len(dims) != data.ndim:
+            dims = tuple(f"{name}.dim{i}" for i in range(data.ndim))
         with self._writing(f"array {group.path}/{name}"):
             group.create_array(
                 name,
                 data=data,
                 chunks=data.shape if data.ndim else (),
+                dimension_names=dims,
                 attributes={"torch_dtype": dtype, "sha256": _digest(data)},
                 overwrite=True,
             )
@@ -206,6 +217,29 @@ class CheckedGroup:
         except OSError as exc:
             raise write_error(Path(path), "(replacing the old run)", exc) from None
 
+    def check_consolidated(self) -> list[str]:
+        """Where the consolidated metadata (for other readers) differs from the nodes' own."""
+        try:
+            root = json.loads((self.path / "zarr.json").read_text())
+        except (OSError, ValueError) as exc:
+            return [f"zarr.json cannot be read ({first_line(exc)})"]
+        meta = (root.get("consolidated_metadata") or {}).get("metadata")
+        if not isinstance(meta, dict):
+            return []
+        problems = []
+        for where, recorded in sorted(meta.items()):
+            node = self.path / where / "zarr.json"
+            try:
+                own = json.loads(node.read_text())
+            except (OSError, ValueError):
+                problems.append(f"the consolidated metadata lists {where!r}, which is missing")
+                continue
+            own.pop("consolidated_metadata", None)
+            recorded = {k: v for k, v in recorded.items() if k != "consolidated_metadata"}
+            if _normal(own) != _normal(recorded):
+                problems.append(f"{where!r}: its metadata differs from the consolidated copy")
+        return problems
+
     def check_arrays(self, skip: tuple[str, ...] = ()) -> list[str]:
         """Read every array under the group, checking it; return what is damaged.
 
@@ -228,6 +262,24 @@ class CheckedGroup:
             except StoreError as exc:
                 problems.append(str(exc).removeprefix(f"{str(self.path)!r}: "))
         return problems
+
+
+def _normal(meta: dict) -> dict:
+    """Metadata without the keys Zarr fills in when absent, for comparing two copies."""
+    return {k: v for k, v in meta.items() if v not in (None, [], {}) or k == "attributes"}
+
+
+def consolidate(path: Path) -> None:
+    """Write the consolidated metadata other readers (xarray) open a finished store with.
+
+    Readers of this package read every node's own metadata; ``check`` compares the two.
+    """
+    with warnings.catch_warnings():
+        # Zarr warns that consolidated metadata is an extension of the v3 format (which is
+        # why it is only written for other readers) and that the writer's lock file is not
+        # a node of the hierarchy
+        warnings.simplefilter("ignore", ZarrUserWarning)
+        zarr.consolidate_metadata(str(path), zarr_format=3)
 
 
 def sweep_temp_files(path: Path) -> None:

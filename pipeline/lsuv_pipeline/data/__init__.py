@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, UnknownDataset
 from .base import (
     DEFAULT_ROOT,
     ROOT_ENV,
@@ -93,7 +93,7 @@ def _loader(name: str) -> Callable[..., Source]:
     loader = DATASETS.get(prefix) if colon else DATASETS.get(name)
     if loader is None or (colon and prefix != IMAGEFOLDER):
         names = sorted(k + ":PATH" if k == IMAGEFOLDER else k for k in DATASETS)
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(names)}")
+        raise UnknownDataset(f"unknown dataset {name!r}; choose one of: {', '.join(names)}")
     return loader
 
 

@@ -1,84 +1,22 @@
-"""The ``lsuv-pipeline`` command line: parse options, call one library function, print.
-
-Every user mistake ends as one line ``Error: ...`` on stderr and a non-zero exit; a
-traceback means a bug.
-"""
+"""``lsuv-pipeline compute``: solve a run and write its store."""
 
 from __future__ import annotations
 
 import json
-import logging
-import sys
 
 import click
 
-from .checkpoint import export as export_state
-from .checkpoint import open_run
-from .config import RunConfig
-from .data import DATASETS, ROOT_ENV
-from .errors import Interrupted, LsuvError, OffTarget
-from .progress import TqdmProgress
-from .run import compute as run_compute
-from .solve import MODES
-from .verify import verify as run_verify
+from ..config import RunConfig
+from ..data import DATASETS
+from ..progress import TqdmProgress
+from ..run import compute as run_compute
+from ..solve import MODES
+from .common import DATA_ROOT, JSON, QUIET, print_result, set_output
 
-__all__ = ["OFF_TARGET", "cli", "main"]
-
-#: Exit status of a run or verification whose layers miss the tolerance (1 is any other
-#: error, 2 a usage mistake, 130 Ctrl-C).
-OFF_TARGET = 3
+__all__ = ["compute"]
 
 
-class _Group(click.Group):
-    """A group that reports every error as one line, without a usage banner or traceback."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Abort:
-            click.echo("Aborted.", err=True)
-            sys.exit(130)
-        except click.ClickException as exc:
-            hint = ""
-            if isinstance(exc, click.UsageError) and exc.ctx is not None:
-                hint = f" (see '{exc.ctx.command_path} --help')"
-            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
-            sys.exit(exc.exit_code)
-        sys.exit(code if isinstance(code, int) else 0)
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except OffTarget as exc:
-            if exc.result is not None:
-                click.echo(exc.result.table())
-            click.echo(f"Error: {exc}", err=True)
-            ctx.exit(OFF_TARGET)
-        except Interrupted as exc:
-            click.echo(f"Interrupted: {exc}", err=True)
-            ctx.exit(130)
-        except LsuvError as exc:
-            raise click.ClickException(str(exc)) from None
-
-
-DATA_ROOT = click.option(
-    "--data-root",
-    type=click.Path(file_okay=False),
-    envvar=ROOT_ENV,
-    show_envvar=True,
-    help="Folder holding the datasets in torchvision's layout [default: data/].",
-)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="lsuv-pipeline")
-def cli() -> None:
-    """Exact, full-dataset LSUV initialization (Mishkin & Matas 2015), stored in Zarr."""
-
-
-@cli.command()
+@click.command()
 @click.option(
     "--dataset",
     default="mnist",
@@ -231,13 +169,15 @@ def cli() -> None:
     is_flag=True,
     help="Replace an existing run store of another config or dataset.",
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars (notes and warnings stay).")
+@QUIET
+@JSON
 def compute(**opts) -> None:
     """Compute the LSUV init over a whole dataset and write it to a Zarr run store.
 
     Rerunning the same command resumes an interrupted run, or does nothing if the store is
     complete and up to date.
     """
+    set_output(click.get_current_context(), quiet=opts["quiet"], as_json=opts["as_json"])
     holdout = None if opts["holdout"].lower() == "none" else opts["holdout"]
     model_kwargs = _json_object(opts["model_kwargs"], "--model-kwargs")
     config = RunConfig(
@@ -275,18 +215,10 @@ def compute(**opts) -> None:
         allow_mixed_hardware=opts["allow_mixed_hardware"],
         cache=opts["cache"],
         cache_memory=opts["cache_memory"],
-        progress=TqdmProgress(bars=not opts["quiet"]),
+        progress=TqdmProgress(bars=not opts["quiet"], notes=not opts["quiet"]),
         overwrite=opts["overwrite"],
     )
-    if result.up_to_date:
-        click.echo(f"{result.path} is up to date (same config and dataset); nothing to compute")
-        click.echo(result.table())
-        return
-    click.echo(result.table())
-    click.echo(
-        f"\n{len(result.solved)} layers solved in {result.passes} passes, "
-        f"{result.seconds:.1f} s; wrote {result.path}" + (" (resumed)" if result.resumed else "")
-    )
+    print_result(click.get_current_context(), result)
 
 
 def _json_object(text: str, option: str) -> dict:
@@ -310,116 +242,3 @@ def _key_values(items: tuple[str, ...], option: str) -> dict:
         except ValueError:
             out[key.strip()] = text  # plain text: normalize=compute
     return out
-
-
-RUN = click.argument("run", metavar="RUN")
-
-
-def _provenance(model) -> str:
-    """Where a run's model came from, as ``show`` prints it."""
-    model = model if isinstance(model, dict) else {}
-    name = model.get("class", "?")
-    if model.get("source") == "caller":
-        return f"{name} (given by the caller)"
-    if model.get("source") == "built":
-        kwargs = model.get("kwargs") or {}
-        extra = f", kwargs {kwargs}" if kwargs else ""
-        return f"{name} ({model.get('name')}, seed {model.get('seed')}{extra})"
-    return name
-
-
-@cli.command()
-@RUN
-@click.option(
-    "--plot",
-    type=click.Path(dir_okay=False),
-    help="Also draw per-layer mean and std, before and after, to this PNG.",
-)
-def show(run: str, plot: str | None) -> None:
-    """Print a run's config, status and per-layer statistics.
-
-    RUN is a run store path or the name of a shipped checkpoint (mnist-mj).
-    """
-    r = open_run(run)
-    d = r.attrs.get("dataset", {})
-    click.echo(f"run       {r.path}")
-    click.echo(f"status    {r.status}")
-    click.echo(
-        f"dataset   {d.get('name')} / {d.get('split')}, {d.get('count')} samples, "
-        f"{d.get('fingerprint', '')[:23]}..."
-    )
-    click.echo(f"model     {_provenance(r.attrs.get('model'))}")
-    cfg = r.config.to_dict()
-    click.echo("config    " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
-    record = r.attrs.get("verification")
-    if isinstance(record, dict):
-        off = record.get("off_target") or []
-        verdict = f"OFF TARGET: {', '.join(off)}" if off else "every solved layer on target"
-        click.echo(f"verified  on {record.get('split')} at tol {record.get('tol'):g}: {verdict}")
-    click.echo("")
-    click.echo(r.table())
-    if plot:
-        click.echo(f"\nwrote {r.plot(plot)}")
-
-
-@cli.command()
-@RUN
-@click.option(
-    "--split", default="train", show_default=True, help="Split to measure (train or test)."
-)
-@click.option(
-    "--tol",
-    type=click.FloatRange(min=0, min_open=True),
-    default=1e-4,
-    show_default=True,
-    help="Largest |mean| and |std - target| accepted per layer.",
-)
-@DATA_ROOT
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="auto (CUDA if available), cpu, cuda[:N]: where to measure.",
-)
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def verify(run: str, split: str, tol: float, data_root, device: str, quiet: bool) -> None:
-    """Measure every layer's output mean/std over a split with the run's final weights.
-
-    Exits 3 if any layer misses the tolerance.
-    """
-    result = run_verify(
-        run, split=split, tol=tol, data_root=data_root, device=device, progress=not quiet
-    )
-    click.echo(result.table())
-    if result.failures:
-        click.echo(
-            f"\n{len(result.failures)} layer(s) miss tol {tol:g} on {split}: "
-            + ", ".join(result.failures),
-            err=True,
-        )
-        raise click.exceptions.Exit(OFF_TARGET)
-    click.echo(f"\nall {len(result.layers)} layers within {tol:g} on {split}")
-
-
-@cli.command()
-@RUN
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="File to write (a torch state dict).",
-)
-def export(run: str, out: str) -> None:
-    """Write a finished run's weights as a state dict for torch.load(..., weights_only=True)."""
-    path = export_state(run, out)
-    click.echo(f"wrote {path}")
-
-
-def main() -> None:
-    """Console-script entry point."""
-    # This process reports cluster failures itself, once; dask's threads may still log
-    # after a run ended (a client reconnecting to a scheduler that is gone).
-    logging.getLogger("distributed").addFilter(lambda record: False)
-    for name in ("distributed.client", "distributed.comm", "distributed.core"):
-        logging.getLogger(name).addFilter(lambda record: False)
-    cli()
