@@ -12,6 +12,7 @@ from lsuv_pipeline.cli import cli
 from lsuv_pipeline.data import DatasetSpec, open_source
 from lsuv_pipeline.errors import DataError, LayerError, ModelError, OffTarget, StoreError
 from lsuv_pipeline.models import mj
+from lsuv_pipeline.progress import Progress
 
 SMALL = dict(limit=1500, shard_size=512, batch_size=128)
 
@@ -229,7 +230,7 @@ class DeadSecond(nn.Module):
 
 def test_dead_layer_stops_the_run_naming_it_and_keeps_what_was_solved(tmp_path, data_root):
     out = tmp_path / "dead.zarr"
-    with pytest.raises(LayerError, match=r"layer 'second'.*variance is 0"):
+    with pytest.raises(LayerError, match=r"layer 'second': its whole output is constant"):
         compute(RunConfig(**SMALL), out, model=DeadSecond(), data_root=data_root, device="cpu")
     g = zarr.open_group(str(out), mode="r")
     assert g.attrs["status"] == "running"
@@ -445,3 +446,84 @@ def test_a_model_that_is_not_a_module_is_a_model_error(tmp_path, data_root, mode
     with pytest.raises(ModelError, match=r"must be a torch.nn.Module, got"):
         compute(RunConfig(**SMALL), tmp_path / "m.zarr", model=model, data_root=data_root)
     assert not (tmp_path / "m.zarr").exists()
+
+
+# -- dead channels and zero-initialized layers ----------------------------------------
+
+
+class DeadChannel(nn.Module):
+    """A depthwise conv fed by a ReLU channel that is 0 on every sample (as in mobilenets)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3)
+        self.dw = nn.Conv2d(4, 4, 3, groups=4)
+        self.head = nn.Linear(4, 10)
+        with torch.no_grad():
+            self.stem.weight[1] = 0
+            self.stem.bias[1] = -1.0  # channel 1 is -1 everywhere, ReLU makes it 0
+
+    def forward(self, x):
+        x = self.dw(torch.relu(self.stem(x)))  # dw's channel 1 is its bias: constant
+        return self.head(torch.relu(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["tensor", "channel"])
+def test_dead_channels_are_solved_around_and_reported(tmp_path, data_root, mode):
+    cfg = RunConfig(**{**SMALL, "mode": mode})
+    notes = []
+
+    class Notes(Progress):
+        def note(self, text):
+            notes.append(text)
+
+    result = compute(cfg, tmp_path / "d.zarr", model=DeadChannel(), data_root=data_root,
+                     device="cpu", progress=Notes())  # fmt: skip
+    rows = {r.name: r for r in result.layers}
+    assert rows["stem"].dead == 1 and rows["dw"].dead == 1 and rows["head"].dead == 0
+    assert any("'dw': 1 of 4 output channel(s) are constant" in n for n in notes), notes
+    assert "1 dead channel(s)" in result.table() and "OFF TARGET" not in result.table()
+    attrs = zarr.open_group(str(tmp_path / "d.zarr"), mode="r")["layers/dw"].attrs
+    assert attrs["dead_channels"] == [1]
+    m = mom.reduce_channels(rows["dw"].after["train"])
+    assert abs(m.std.item() - 1) < 1e-4 or mode == "channel"
+    live = rows["dw"].after["train"]
+    keep = torch.tensor([0, 2, 3])
+    assert (live.std[keep] - 1).abs().max() < 1e-4 or mode == "tensor"
+
+
+class ZeroHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.head = nn.Linear(4, 10)
+        nn.init.zeros_(self.head.weight)  # as torchvision's ViT does for heads.head
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_a_zero_initialized_layer_is_named_before_the_first_pass(tmp_path, data_root):
+    notes = []
+
+    class Notes(Progress):
+        def pass_started(self, label, total):
+            notes.append(f"pass {label}")
+
+        def note(self, text):
+            notes.append(text)
+
+    result = compute(RunConfig(**SMALL), tmp_path / "z.zarr", model=ZeroHead(),
+                     data_root=data_root, device="cpu", progress=Notes())  # fmt: skip
+    assert [s.name for s in result.solved] == ["conv"]
+    listing = next(i for i, n in enumerate(notes) if n.startswith("solving"))
+    first_pass = next(i for i, n in enumerate(notes) if n.startswith("pass"))
+    assert (
+        listing < first_pass and "'head' (Linear): its weight is all zero at init" in notes[listing]
+    )
+    assert "not solved: its weight is all zero" in result.table()
+    unsolved = zarr.open_group(str(tmp_path / "z.zarr"), mode="r").attrs["unsolved"]
+    assert [u["name"] for u in unsolved] == ["head"]
+    again = compute(RunConfig(**{**SMALL, "orthogonal": True}), tmp_path / "o.zarr",
+                    model=ZeroHead(), data_root=data_root, device="cpu")  # fmt: skip
+    assert [s.name for s in again.solved] == ["conv", "head"]

@@ -4,11 +4,15 @@ from torch import nn
 
 from lsuv_pipeline import moments as mom
 from lsuv_pipeline.errors import LayerError
+from lsuv_pipeline.moments import reduce_channels
 from lsuv_pipeline.solve import (
     Solution,
+    dead_channels,
     orthogonal_,
     output_map,
+    predict,
     rescale_,
+    residual,
     solve,
     transform_output,
 )
@@ -100,19 +104,27 @@ def test_output_map_is_one_rounding_of_y_times_factor_plus_offset(dtype, mode, s
         assert torch.allclose(out, y * f + o, rtol=1e-15, atol=1e-15)
 
 
-def test_dead_channel_is_an_error_naming_the_layer_and_channel():
+def test_a_dead_channel_keeps_the_pooled_scale_and_only_a_constant_layer_is_an_error():
     layer = nn.Conv2d(2, 4, 1)
     with torch.no_grad():
-        layer.weight[2] = 0
+        layer.weight[2] = 0  # channel 2 is its bias on every sample
     m = measured(layer, torch.randn(10, 2, 3, 3))
-    with pytest.raises(LayerError, match=r"'block.conv'.*channel\(s\) 2 of 4"):
-        solve(m, mode="channel", target_std=1.0, has_bias=True, layer="block.conv")
-    # tensor mode pools channels, so one dead channel does not stop it; an all-dead layer does
+    assert dead_channels(m) == [2]
+    pooled = reduce_channels(m).var.sqrt()
+    sol = solve(m, mode="channel", target_std=1.0, has_bias=True, layer="block.conv")
+    assert sol.scale[2] == pooled and torch.equal(sol.scale[[0, 1, 3]], m.std[[0, 1, 3]])
+    after = predict(m, sol)
+    assert after.mean[2] == 0 and after.m2[2] == 0  # still dead, centred
+    assert residual(after, mode="channel", target_std=1.0).within(1e-12)  # live channels
+    for mode in ("tensor", "channel"):  # pooled over channels, the dead one included
+        sol = solve(m, mode=mode, target_std=1.0, has_bias=True, layer="block.conv")
+        assert residual(predict(m, sol), mode=mode, target_std=1.0).within(1e-12)
     with torch.no_grad():
         layer.weight.zero_()
     m = measured(layer, torch.randn(10, 2, 3, 3))
-    with pytest.raises(LayerError, match="variance is 0"):
-        solve(m, mode="tensor", target_std=1.0, has_bias=True, layer="block.conv")
+    for mode in ("tensor", "channel"):
+        with pytest.raises(LayerError, match=r"'block.conv': its whole output is constant"):
+            solve(m, mode=mode, target_std=1.0, has_bias=True, layer="block.conv")
 
 
 def test_non_finite_output_is_an_error():

@@ -204,6 +204,7 @@ def run_stats(store: RunStore) -> list[LayerStats]:
                 converged=la.get("converged", False),
                 has_bias=la.get("has_bias", True),
                 solved=bool(la),
+                dead=len(la.get("dead_channels", [])),
                 before=before,
                 after=after,
             )

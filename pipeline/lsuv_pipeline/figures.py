@@ -64,6 +64,7 @@ FLAG_COLOURS = {
     "off target": "#d62728",
     "not converged": "#b8860b",
     "no bias": "#7b3fa0",
+    "dead channels": "#2f6f8f",
 }
 _NO_BIAS = FLAG_COLOURS["no bias"]
 

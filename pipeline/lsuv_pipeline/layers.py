@@ -27,6 +27,7 @@ from .solve import Mode, weight_form
 
 __all__ = [
     "TARGET_TYPES",
+    "ZERO_INIT",
     "Follower",
     "LayerInfo",
     "LayerPlan",
@@ -269,14 +270,17 @@ def plan_layers(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     mode: Mode = "tensor",
+    reinit: bool = False,
 ) -> LayerPlan:
     """Decide, before the first pass, which traced layers are solved and name the rest.
 
     A layer is left as it is, with its reason, when the options leave it out, when its
     weight's scale cannot be reached (``solve.weight_form``: spectral norm, other
-    parametrizations or hooks), or when its weight is shared in a way the solve cannot
-    account for (:func:`_tie_groups`). Of target layers that share one weight, the first in
-    forward order is solved and the later ones are :class:`Follower` s, "tied to" it.
+    parametrizations or hooks), when its weight is all zero and ``reinit`` (the orthogonal
+    pre-init, which draws new weights) is off (:data:`ZERO_INIT`), or when its weight is
+    shared in a way the solve cannot account for (:func:`_tie_groups`). Of target layers
+    that share one weight, the first in forward order is solved and the later ones are
+    :class:`Follower` s, "tied to" it.
 
     Raises:
         ConfigError: A pattern matches no layer, or no layer is left to solve.
@@ -290,6 +294,8 @@ def plan_layers(
             reasons[info.name] = "left out by --include / --exclude"
         elif isinstance(form, str):
             reasons[info.name] = form
+        elif not reinit and _all_zero(model.get_submodule(info.name)):
+            reasons[info.name] = ZERO_INIT
         forms[info.name] = form
     followers = _tie_groups(model, traced, forms, reasons)
     layers = [i for i in traced if i.name not in reasons]
@@ -306,6 +312,21 @@ def plan_layers(
         else:
             solved_before += 1
     return LayerPlan(layers, unsolved, followers)
+
+
+#: Why a layer whose weight is all zero at init is left as it is. A zero-initialized head
+#: or residual branch (torchvision's ViT head, "zero-init residual" ResNets) is the
+#: model's own choice, and scaling zero cannot give unit std; the orthogonal pre-init
+#: (LSUV's step I, ``--orthogonal``) draws new weights for every layer and solves it too.
+ZERO_INIT = (
+    "its weight is all zero at init (a zero-initialized head or residual branch): left "
+    "as the model sets it; --orthogonal re-initializes every layer and solves it"
+)
+
+
+def _all_zero(module: nn.Module) -> bool:
+    with torch.no_grad():
+        return bool(torch.count_nonzero(module.weight) == 0)
 
 
 def _tie_groups(model, traced, forms, reasons: dict[str, str]) -> list[Follower]:

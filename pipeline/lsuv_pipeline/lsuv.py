@@ -31,7 +31,16 @@ from .refine import Refinement
 from .report import LayerStats
 from .schema import Section, layer_pass_id
 from .shard import CachePlan, PassPlan
-from .solve import Residual, Solution, follower_solution, predict, rescale_, residual, solve
+from .solve import (
+    Residual,
+    Solution,
+    dead_channels,
+    follower_solution,
+    predict,
+    rescale_,
+    residual,
+    solve,
+)
 from .store import RunStore
 
 __all__ = ["LayerLoop", "Setup", "off_target"]
@@ -144,6 +153,9 @@ class LayerLoop:
         first = calls[0] if info.dependent else before
         rule = {"mode": config.mode, "target_std": config.target_std, "has_bias": has_bias}
         solution = solve(first, layer=info.name, **rule)
+        dead = dead_channels(before)
+        if dead:
+            self._note_dead(info.name, dead, before.channels)
         passes, converged = 1, True
         res = residual(predict(before, solution), **rule)
         if info.dependent:
@@ -162,11 +174,20 @@ class LayerLoop:
             "residual_std": res.std,
             "converged": converged,
             "has_bias": has_bias,
+            **({"dead_channels": dead} if dead else {}),  # stores without any stay as they were
         }
         self.setup.store.commit_layer(info.name, before, solution, attrs)
         self.solutions[info.name] = solution
-        return LayerStats(
-            name=info.name, kind=info.kind, passes=passes, converged=converged, has_bias=has_bias
+        return LayerStats(name=info.name, kind=info.kind, passes=passes, converged=converged,
+                          has_bias=has_bias, dead=len(dead))  # fmt: skip
+
+    def _note_dead(self, name: str, dead: list[int], channels: int) -> None:
+        how = ("pooled with the others (tensor mode)" if self.setup.config.mode == "tensor"
+               else "each keeps the layer's pooled scale; its std is not judged")  # fmt: skip
+        shown = ", ".join(map(str, dead[:8])) + (", ..." if len(dead) > 8 else "")
+        self.setup.ctx.progress.note(
+            f"layer {name!r}: {len(dead)} of {channels} output channel(s) are constant over "
+            f"the data (dead: {shown}); {how}"
         )
 
     def _refine(self, k, info, before, solution, rule):
@@ -206,6 +227,7 @@ class LayerLoop:
                     passes=a["passes"],
                     converged=a["converged"],
                     has_bias=a["has_bias"],
+                    dead=len(a.get("dead_channels", [])),
                 )
             )
         model = self.setup.ctx.model
@@ -231,6 +253,7 @@ class LayerLoop:
                 passes=s.passes,
                 converged=s.converged,
                 has_bias=s.has_bias,
+                dead=s.dead,
                 before=before[s.name],
                 after={split: m[s.name] for split, m in measured.items()},
             )

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 #: Kinds of flag a layer's row can carry, most severe first (see :func:`table_rows`).
-FLAGS = ("not solved", "off target", "not converged", "no bias")
+FLAGS = ("not solved", "off target", "not converged", "no bias", "dead channels")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +47,7 @@ class LayerStats:
         before: Output moments with the initial weights (training split).
         after: Output moments after LSUV, per split name.
         reason: Why the run leaves it as it is (empty for a layer the run solves).
+        dead: How many of its output channels are constant over the solve split.
     """
 
     name: str
@@ -58,6 +59,7 @@ class LayerStats:
     before: mom.Moments | None = None
     after: dict[str, mom.Moments] = field(default_factory=dict)
     reason: str = ""
+    dead: int = 0
 
     def on_target(self, split: str, *, mode: Mode, target_std: float, tol: float) -> bool | None:
         """Whether its output on ``split`` is on target (``solve.residual``'s rule), or
@@ -123,6 +125,8 @@ def row_flags(
         notes.append(("not converged", "NOT CONVERGED"))
     if not row.has_bias and not row.reason:
         notes.append(("no bias", "no bias: mean not solved"))
+    if row.dead and not row.reason:
+        notes.append(("dead channels", f"{row.dead} dead channel(s): constant over the data"))
     for split, tol in judged.items():
         on = row.on_target(split, mode=mode, target_std=target_std, tol=tol)
         if on is False and not row.reason:

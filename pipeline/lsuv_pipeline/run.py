@@ -368,9 +368,8 @@ def _solve(run: _Run, store: RunStore | None, ctx: PassContext) -> RunResult:
     config, model = run.config, run.model
     model.to(run.device)
     traced = trace(model, run.train.batch(0, min(2, run.train.count)).to(run.device))
-    plan = plan_layers(
-        model, traced, include=config.include, exclude=config.exclude, mode=config.mode
-    )
+    plan = plan_layers(model, traced, include=config.include, exclude=config.exclude,
+                       mode=config.mode, reinit=config.orthogonal)  # fmt: skip
     run.progress.warn(_listing(plan))  # shown even with -q: what is solved and what is not
     resumed = store is not None
     store = _start(run, store, plan, ctx.executor.numerics(run.device))

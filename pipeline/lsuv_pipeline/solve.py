@@ -28,6 +28,14 @@ worst ``|std - target|`` and, for a layer with a bias, the worst ``|mean|``, ove
 layer's channels in channel mode or pooled in tensor mode, within the tolerance. A layer
 without bias is judged on its std only: its mean is not the solve's to set.
 
+Dead channels (constant over the data: variance exactly 0, e.g. a depthwise conv fed by a
+ReLU channel that is 0 on every sample) cannot be given unit std. In tensor mode they are
+part of the pooled moments like any channel and the layer is solved as usual. In channel
+mode a dead channel gets the layer's pooled scale (its mean is still shifted to 0 when the
+layer has a bias), and the std part of the rule skips it: there is no spread to judge.
+:func:`dead_channels` names them; the run reports and records them. Only a layer whose
+whole output is constant is an error.
+
 This module does not loop over data.
 """
 
@@ -52,6 +60,7 @@ __all__ = [
     "Solution",
     "WeightForm",
     "check_finite_spread",
+    "dead_channels",
     "follower_solution",
     "orthogonal_",
     "output_map",
@@ -126,8 +135,8 @@ def check_finite_spread(m: mom.Moments, *, layer: str) -> None:
         layer: Layer name, for the message.
 
     Raises:
-        LayerError: Nothing was measured, a moment is NaN / infinite, or a channel's
-            variance is zero (a dead or constant channel).
+        LayerError: Nothing was measured, a moment is NaN / infinite, or every channel is
+            constant (a single dead channel is not an error: see :func:`dead_channels`).
     """
     if m.count == 0:
         raise LayerError(f"layer {layer!r}: no output was measured (empty dataset?)")
@@ -138,14 +147,18 @@ def check_finite_spread(m: mom.Moments, *, layer: str) -> None:
             f"{_list(bad)} over {m.count} values per channel (NaN or inf in the input or "
             "in an earlier layer)"
         )
-    dead = (m.m2 <= 0).nonzero().flatten().tolist()
-    if dead:
-        first = dead[0]
+    if not (m.m2 > 0).any():
         raise LayerError(
-            f"layer {layer!r}: output variance is 0 in channel(s) {_list(dead)} of "
-            f"{m.channels} (channel {first} is constant {m.mean.flatten()[first].item():.6g} "
-            f"over {m.count} values); a dead channel cannot be rescaled to unit std"
+            f"layer {layer!r}: its whole output is constant (every one of its {m.channels} "
+            f"channel(s) over {m.count} values; channel 0 is {m.mean.flatten()[0].item():.6g}),"
+            " so it cannot be rescaled to unit std: check the layers before it, or leave it "
+            "out with --exclude"
         )
+
+
+def dead_channels(m: mom.Moments) -> list[int]:
+    """The output channels that are constant over the data (variance exactly 0)."""
+    return (m.m2.flatten() <= 0).nonzero().flatten().tolist()
 
 
 def _list(idx: list[int], limit: int = 8) -> str:
@@ -174,6 +187,9 @@ def solve(
     check_finite_spread(m, layer=layer)
     v = _view(m, mode)
     scale = v.var.sqrt() / target_std
+    if mode == "channel":  # a dead channel keeps the layer's pooled scale
+        pooled = mom.reduce_channels(m).var.sqrt() / target_std
+        scale = torch.where(v.m2 > 0, scale, pooled)
     shift = v.mean.clone() if has_bias else torch.zeros_like(v.mean)
     return Solution(scale=scale.cpu(), shift=shift.cpu())
 
@@ -185,7 +201,8 @@ def residual(m: mom.Moments, *, mode: Mode, target_std: float, has_bias: bool = 
     """
     v = _view(m, mode)
     mean = v.mean.abs().max().item()
-    std = (v.std - target_std).abs().max().item()
+    live = v.m2 > 0 if mode == "channel" else torch.ones_like(v.m2, dtype=torch.bool)
+    std = (v.std - target_std).abs()[live].max().item() if live.any() else float("inf")
     return Residual(
         mean=mean if mean == mean else float("inf"),
         std=std if std == std else float("inf"),

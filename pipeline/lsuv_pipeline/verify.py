@@ -161,7 +161,7 @@ def verify(
     for info in run.layers:
         r = recorded[info.name]
         row = LayerStats(name=info.name, kind=info.kind, passes=r.passes, converged=r.converged,
-                         has_bias=r.has_bias, before=r.before,
+                         has_bias=r.has_bias, dead=r.dead, before=r.before,
                          after={split: mom.merge_all(measured[info.name])})  # fmt: skip
         on = tol is None or row.on_target(split, mode=config.mode,
                                           target_std=config.target_std, tol=tol)  # fmt: skip
