@@ -42,7 +42,7 @@ def test_a_tighter_tolerance_fails_and_a_held_out_split_is_judged_only_when_aske
     assert verify(run, data_root=data_root, device="cpu", split="test", holdout_tol=1e-4).failures
     assert verify(run, data_root=data_root, device="cpu", split="test", holdout_tol=0.5).ok
     argv = ["verify", str(run), "--data-root", str(data_root), "--split", "test"]
-    result = CliRunner().invoke(cli, argv)
+    result = CliRunner().invoke(cli, [*argv, "-q"])  # the verdict stays with -q
     assert result.exit_code == 0 and "test is held out: measured, not judged" in result.stderr
     result = CliRunner().invoke(cli, [*argv, "--holdout-tol", "1e-4"])
     assert result.exit_code == OFF_TARGET and "miss tol 0.0001 on test" in result.stderr

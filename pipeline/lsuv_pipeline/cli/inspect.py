@@ -109,9 +109,10 @@ def verify(run: str, split: str, tol: float, holdout_tol: float | None, data_roo
         )
         raise click.exceptions.Exit(OFF_TARGET)
     if result.tol is None:
-        note(f"\n{split} is held out: measured, not judged (--holdout-tol judges it)")
+        click.echo(f"\n{split} is held out: measured, not judged (--holdout-tol judges it)",
+                   err=True)  # fmt: skip
     else:
-        note(f"\nall {len(result.layers)} layers within {result.tol:g} on {split}")
+        click.echo(f"\nall {len(result.layers)} layers within {result.tol:g} on {split}", err=True)
 
 
 @click.command()
