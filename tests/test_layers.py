@@ -4,7 +4,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lsuv_pipeline.errors import ModelError
-from lsuv_pipeline.layers import trace
+from lsuv_pipeline.layers import plan_layers, trace, weights_not_solved
 
 
 class Reordered(nn.Module):
@@ -93,3 +93,45 @@ def test_model_without_targets_or_rejecting_the_input_is_a_clear_error():
         trace(nn.Sequential(nn.ReLU()), torch.randn(2, 3))
     with pytest.raises(ModelError, match=r"failed on an input batch of shape \(2, 1, 9, 9\)"):
         trace(nn.Linear(5, 2), torch.randn(2, 1, 9, 9))
+
+
+class Zoo(nn.Module):
+    """Weights of every kind the solve does not reach, around two solvable layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3)
+        self.norm = nn.BatchNorm2d(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.token = nn.Parameter(torch.zeros(1, 1, 8))  # on the model itself
+        self.rnn = nn.LSTM(8, 8)
+        self.embed = nn.Embedding(10, 8)
+        self.aux = nn.Linear(8, 10)  # an auxiliary head, used in training only
+        self.head = nn.utils.parametrizations.weight_norm(nn.Linear(8, 10))
+
+    def forward(self, x):
+        x = self.norm(self.stem(x)).flatten(2).transpose(1, 2)  # (N, L, C)
+        x = torch.cat([self.token.expand(x.shape[0], -1, -1), x], 1)
+        x, _ = self.attn(x, x, x)
+        if self.training:
+            return self.aux(x[:, 0])
+        return self.head(x[:, 0])
+
+
+def test_every_weight_the_solve_does_not_reach_is_named_with_its_reason():
+    model = Zoo()
+    traced = trace(model, torch.randn(2, 1, 8, 8))
+    assert [i.name for i in traced] == ["stem", "head"]  # out_proj is applied functionally
+    plan = plan_layers(model, traced)
+    reasons = {u.name: u.reason for u in plan.unsolved}
+    assert set(reasons) == {"", "attn", "attn.out_proj", "rnn", "embed", "aux"}, reasons
+    assert "F.multi_head_attention_forward" in reasons["attn"]
+    assert (
+        "its parent 'attn' (MultiheadAttention) uses its weight functionally"
+        in reasons["attn.out_proj"]
+    )
+    assert "recurrent" in reasons["rnn"] and "embedding" in reasons["embed"]
+    assert "never called in an eval-mode forward" in reasons["aux"]
+    assert "holds weights but is not a conv / linear layer" in reasons[""]
+    assert [i.name for i in plan.layers] == ["stem", "head"]
+    assert weights_not_solved(model, traced)[0][0] == ""  # registration order, norms left out

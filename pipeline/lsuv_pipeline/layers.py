@@ -26,6 +26,7 @@ from .hooks import evaluating, first_tensor
 from .solve import Mode, weight_form
 
 __all__ = [
+    "NORMS",
     "TARGET_TYPES",
     "ZERO_INIT",
     "Follower",
@@ -36,6 +37,7 @@ __all__ = [
     "plan_layers",
     "select",
     "trace",
+    "weights_not_solved",
 ]
 
 TARGET_TYPES: tuple[type[nn.Module], ...] = (
@@ -311,7 +313,66 @@ def plan_layers(
             )
         else:
             solved_before += 1
+    for name, kind, why in weights_not_solved(model, traced):  # named after the layers
+        unsolved.append(Unsolved(name=name, kind=kind, reason=why, position=solved_before))
     return LayerPlan(layers, unsolved, followers)
+
+
+#: Normalization layers: their affine weights start at 1 and 0 and are not LSUV targets;
+#: they are the only weights a run does not name (see :func:`weights_not_solved`).
+NORMS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm,
+)  # fmt: skip
+
+#: Weight-bearing modules that are not solved, and why.
+_OTHERS: tuple[tuple[tuple[type[nn.Module], ...], str], ...] = (
+    ((nn.MultiheadAttention,),
+     "attention: its query / key / value and output projections are applied inside "
+     "F.multi_head_attention_forward, which this version does not solve"),
+    ((nn.RNNBase,), "a recurrent layer (RNN / LSTM / GRU): not an LSUV target here"),
+    ((nn.Embedding, nn.EmbeddingBag), "an embedding: a table lookup, not a sum to rescale"),
+)  # fmt: skip
+
+
+def weights_not_solved(model: nn.Module, traced: Sequence[LayerInfo]) -> list[tuple[str, str, str]]:
+    """Every module with weights of its own that is not a traced target layer, as
+    ``(name, kind, reason)`` in registration order: conv / linear layers the eval-mode
+    forward never calls (an auxiliary head, a projection its parent applies functionally),
+    attention, recurrent layers, embeddings, and any other module holding parameters
+    (a class token, a layer scale). Normalization layers (:data:`NORMS`) are not listed."""
+    reached = {i.name for i in traced}
+    out = []
+    for name, module in model.named_modules():
+        if name in reached or isinstance(module, NORMS) or "parametrizations" in name.split("."):
+            continue  # a parametrization's tensors belong to the layer that holds it
+        if not any(p is not None for p in module._parameters.values()):
+            continue
+        kind = type(module).__name__
+        parent = _functional_parent(model, name)
+        if isinstance(module, TARGET_TYPES):
+            why = ("never called as a module: its parent "
+                   f"{parent[0]!r} ({parent[1]}) uses its weight functionally" if parent else
+                   "never called in an eval-mode forward (an auxiliary head or a branch the "
+                   "forward skips)")  # fmt: skip
+        elif parent:
+            continue  # named with its attention parent
+        else:
+            why = next((r for types, r in _OTHERS if isinstance(module, types)),
+                       f"{kind} holds weights but is not a conv / linear layer")  # fmt: skip
+        out.append((name, kind, why))
+    return out
+
+
+def _functional_parent(model: nn.Module, name: str) -> tuple[str, str] | None:
+    """The attention module above ``name`` that applies its weights itself, if any."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:i])
+        if isinstance(model.get_submodule(parent), nn.MultiheadAttention):
+            return parent, "MultiheadAttention"
+    return None
 
 
 #: Why a layer whose weight is all zero at init is left as it is. A zero-initialized head
