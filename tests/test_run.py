@@ -527,3 +527,35 @@ def test_a_zero_initialized_layer_is_named_before_the_first_pass(tmp_path, data_
     again = compute(RunConfig(**{**SMALL, "orthogonal": True}), tmp_path / "o.zarr",
                     model=ZeroHead(), data_root=data_root, device="cpu")  # fmt: skip
     assert [s.name for s in again.solved] == ["conv", "head"]
+
+
+class Versioned(nn.Module):
+    """Checks the state-dict version when loaded, as torchvision's MNASNet does."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.head = nn.Linear(4, 10)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2, not {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_a_model_that_checks_its_state_dict_version_is_solved_and_resumed(tmp_path, data_root):
+    out = tmp_path / "v.zarr"
+
+    def model():
+        torch.manual_seed(0)
+        return Versioned()
+
+    result = compute(RunConfig(**SMALL), out, model=model(), data_root=data_root, device="cpu")
+    assert [s.name for s in result.solved] == ["conv", "head"]
+    again = compute(RunConfig(**SMALL), out, model=model(), data_root=data_root, device="cpu")
+    assert again.up_to_date  # the stored init loaded into a fresh model

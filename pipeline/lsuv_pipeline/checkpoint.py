@@ -24,6 +24,7 @@ from . import moments as mom
 from .config import RunConfig
 from .errors import StoreError, write_error
 from .layers import LayerInfo, Unsolved
+from .models import assign_state_
 from .page import write_report
 from .report import LayerStats, format_table, plot_stats, run_title, with_unsolved
 from .schema import Section
@@ -306,12 +307,7 @@ def load_init(
     store.check_consistency()
     state = store.read_state("final")
     check_fits(model, state, repr(str(path)), strict)
-    own = model.state_dict()
-    with torch.no_grad():
-        for name, value in state.items():
-            if name in own:
-                own[name].copy_(value)
-    return model
+    return assign_state_(model, state)
 
 
 def _final_state(source: str | os.PathLike) -> dict[str, torch.Tensor]:

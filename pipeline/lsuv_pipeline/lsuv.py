@@ -26,6 +26,7 @@ from . import moments as mom
 from .config import RunConfig
 from .data import Source
 from .layers import LayerInfo, LayerPlan
+from .models import assign_state_
 from .passes import PassContext, run_pass
 from .refine import Refinement
 from .report import LayerStats
@@ -241,11 +242,11 @@ class LayerLoop:
         measured = {config.split: self._section(Section("verify", config.split), self.setup.source)}
         if holdout is not None:
             measured[holdout.split] = self._section(Section("verify", holdout.split), holdout)
-        model.load_state_dict(initial)
+        assign_state_(model, initial)
         try:
             before = self._section(Section("before", config.split), self.setup.source)
         finally:
-            model.load_state_dict(final)
+            assign_state_(model, final)
         return [
             LayerStats(
                 name=s.name,

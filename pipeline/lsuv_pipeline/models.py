@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +29,7 @@ __all__ = [
     "MJ",
     "MODELS",
     "ModelSpec",
+    "assign_state_",
     "build_model",
     "describe_model",
     "mj",
@@ -238,3 +239,18 @@ def describe_model(model: nn.Module) -> dict:
         "structure": "sha256:" + structure.hexdigest(),
         "initial": "sha256:" + initial.hexdigest(),
     }
+
+
+def assign_state_(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Copy ``state``'s tensors into ``model``'s own, in place, for the names both have.
+
+    Unlike :meth:`~torch.nn.Module.load_state_dict` this calls no module's load hooks: a
+    plain dict of tensors (read from a store, sent to a worker) carries no state-dict
+    version, which some modules (torchvision's MNASNet) insist on.
+    """
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, value in state.items():
+            if name in own:
+                own[name].copy_(value)
+    return model

@@ -41,6 +41,7 @@ from .executors import Executor
 from .layers import LayerPlan, plan_layers, trace
 from .lock import LOCK_NAME, writer_lock
 from .lsuv import LayerLoop, Setup, off_target
+from .models import assign_state_
 from .numerics import check_resume, numerics_key, with_mixed
 from .passes import PassContext, stop_on_sigint
 from .progress import Progress, as_progress
@@ -335,7 +336,7 @@ def _start(run: _Run, store: RunStore | None, plan: LayerPlan, numerics: dict) -
         )
     initial = store.read_state("initial")
     check_fits(model, initial, repr(str(run.out)), strict=True)
-    model.load_state_dict(initial)
+    assign_state_(model, initial)
     record = store.attrs.get("numerics") or {}
     resumed = check_resume(record, numerics, allow_mixed=run.allow_mixed, where=repr(str(run.out)))
     if resumed != record:

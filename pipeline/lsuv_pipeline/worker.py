@@ -25,6 +25,7 @@ from torch import nn
 from .cache import ActivationCache, default_budget
 from .data import DatasetSpec, Shard, Source, open_source
 from .errors import ExecutorError
+from .models import assign_state_
 from .numerics import fingerprint
 from .shard import CachedRunner, PassPlan, ShardMoments, measure_shard
 
@@ -130,7 +131,7 @@ class WorkerState:
             entry = (model_key, copy.deepcopy(boxed.model), "")
         key, model, loaded = entry
         if loaded != state_key:
-            model.load_state_dict(state)
+            assign_state_(model, state)
             model.to(device)
         with self.lock:
             self.models[thread] = (key, model, state_key)
