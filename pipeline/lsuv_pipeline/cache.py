@@ -33,6 +33,7 @@ from dask.utils import parse_bytes
 from torch import fx, nn
 
 from . import moments as mom
+from .attention import get_layer
 from .errors import first_line
 from .hooks import channel_dim, evaluating
 from .layers import LayerInfo
@@ -77,6 +78,12 @@ class Segments:
         shared = [i.name for i in layers if i.calls != 1]
         if shared:
             raise Uncacheable(f"layer {shared[0]!r} runs more than once per forward")
+        inside = [i.name for i in layers if i.functional]
+        if inside:
+            raise Uncacheable(
+                f"layer {inside[0]!r} is applied functionally (attention, F.linear), where "
+                "the traced graph has no module call to cut at"
+            )
         try:
             with evaluating(model):  # trace the eval-mode forward, the one passes run
                 self.module = fx.symbolic_trace(model)
@@ -101,8 +108,8 @@ class Segments:
             self.positions.append(found[0])
         if self.positions != sorted(self.positions):
             raise Uncacheable("the traced graph runs the layers in another order than the model")
-        self.dims = [channel_dim(model.get_submodule(n)) for n in self.names]
-        self.dtypes = [model.get_submodule(n).weight.dtype for n in self.names]
+        self.dims = [channel_dim(get_layer(model, n)) for n in self.names]
+        self.dtypes = [get_layer(model, n).weight.dtype for n in self.names]
         self.layer_at = {p: k for k, p in enumerate(self.positions)}
         index = {n: i for i, n in enumerate(self.nodes)}
         # the last node that reads each value; a value nobody reads dies where it is made

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import moments as mom
+from .attention import get_layer
 from .solve import Solution, output_map, transform_output
 
 
@@ -74,7 +75,7 @@ def solved_outputs(model: nn.Module, solved: Sequence[tuple[str, Solution]]) -> 
     handles = []
     try:
         for name, solution in solved:
-            module = model.get_submodule(name)
+            module = get_layer(model, name)
             dim = channel_dim(module)
             out_map = output_map(solution, module.weight.device, module.weight.dtype)
 
@@ -170,7 +171,7 @@ def capture(
     handles = []
     try:
         for name in hooked:
-            module = model.get_submodule(name)
+            module = get_layer(model, name)
             handles.append(module.register_forward_hook(make_hook(name, channel_dim(module))))
         yield cap
     finally:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention import PROJECTIONS, Projection, attention_layers, functional_calls, get_layer
 from .errors import ConfigError, ModelError
 from .hooks import evaluating, first_tensor
 from .solve import Mode, weight_form
@@ -62,6 +63,9 @@ class LayerInfo:
         dependent: A later call's input depends on an earlier call's output, so one
             pass does not solve it exactly.
         channels: Output channels (what channel mode scales separately).
+        functional: The forward applies it functionally (an attention projection, a
+            Linear's weight in ``F.linear``): passes route its calls through
+            ``attention.functional_calls``.
     """
 
     name: str
@@ -69,15 +73,19 @@ class LayerInfo:
     calls: int
     dependent: bool
     channels: int
+    functional: bool = False
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "name": self.name,
             "kind": self.kind,
             "calls": self.calls,
             "dependent": self.dependent,
             "channels": self.channels,
         }
+        if self.functional:  # stores written before attention was solved lack the key
+            d["functional"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> LayerInfo:
@@ -92,14 +100,18 @@ def out_channels(module: nn.Module) -> int:
 
 
 def _targets(model: nn.Module) -> dict[nn.Module, str]:
-    return {m: name for name, m in model.named_modules() if isinstance(m, TARGET_TYPES)}
+    """Target layers by object: conv / linear modules and attention projections."""
+    found = {m: name for name, m in model.named_modules() if isinstance(m, TARGET_TYPES)}
+    return {**found, **attention_layers(model)}
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
     """Return the model's target layers in the order one forward pass first reaches them.
 
     Runs one forward on ``example`` (a couple of samples is enough) in eval mode with
-    autograd on, to see which later calls of a shared layer consume its earlier outputs.
+    autograd on, to see which later calls of a shared layer consume its earlier outputs,
+    with attention and functional Linear calls routed through modules
+    (``attention.functional_calls``), so those layers are found too.
 
     Args:
         model: Any module; it is left unchanged, in its original train/eval mode.
@@ -137,7 +149,8 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
     try:
         with evaluating(model), torch.enable_grad():
             try:
-                model(x)
+                with functional_calls(model) as routes:
+                    model(x)
             except Exception as exc:  # the user's model rejected the input
                 raise ModelError(
                     f"{type(model).__name__} failed on an input batch of shape "
@@ -150,6 +163,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
                     calls=len(calls[m]),
                     dependent=_calls_depend(calls[m]),
                     channels=out_channels(m),
+                    functional=m in routes.routed,
                 )
                 for m in order
             ]
@@ -291,12 +305,12 @@ def plan_layers(
     reasons: dict[str, str] = {}
     forms = {}
     for info in traced:
-        form = weight_form(model.get_submodule(info.name), mode)
+        form = weight_form(get_layer(model, info.name), mode)
         if info.name not in chosen:
             reasons[info.name] = "left out by --include / --exclude"
         elif isinstance(form, str):
             reasons[info.name] = form
-        elif not reinit and _all_zero(model.get_submodule(info.name)):
+        elif not reinit and _all_zero(get_layer(model, info.name)):
             reasons[info.name] = ZERO_INIT
         forms[info.name] = form
     followers = _tie_groups(model, traced, forms, reasons)
@@ -329,19 +343,26 @@ NORMS: tuple[type[nn.Module], ...] = (
 #: Weight-bearing modules that are not solved, and why.
 _OTHERS: tuple[tuple[tuple[type[nn.Module], ...], str], ...] = (
     ((nn.MultiheadAttention,),
-     "attention: its query / key / value and output projections are applied inside "
-     "F.multi_head_attention_forward, which this version does not solve"),
+     "attention the eval-mode forward never calls (or calls with static keys / values): "
+     "its projections are not reached"),
     ((nn.RNNBase,), "a recurrent layer (RNN / LSTM / GRU): not an LSUV target here"),
     ((nn.Embedding, nn.EmbeddingBag), "an embedding: a table lookup, not a sum to rescale"),
 )  # fmt: skip
+
+#: Why an attention module whose projections are solved is still named.
+_EXTRA_KV = (
+    "its bias_k / bias_v (key / value rows appended to the sequence) are parameters, not "
+    "projection outputs: left as they are (its projections are solved)"
+)
 
 
 def weights_not_solved(model: nn.Module, traced: Sequence[LayerInfo]) -> list[tuple[str, str, str]]:
     """Every module with weights of its own that is not a traced target layer, as
     ``(name, kind, reason)`` in registration order: conv / linear layers the eval-mode
-    forward never calls (an auxiliary head, a projection its parent applies functionally),
-    attention, recurrent layers, embeddings, and any other module holding parameters
-    (a class token, a layer scale). Normalization layers (:data:`NORMS`) are not listed."""
+    forward never reaches (an auxiliary head, a weight its parent uses in another form),
+    attention the forward never calls, recurrent layers, embeddings, and any other module
+    holding parameters (a class token, a layer scale). Normalization layers (:data:`NORMS`)
+    and attention whose projections are solved are not listed."""
     reached = {i.name for i in traced}
     out = []
     for name, module in model.named_modules():
@@ -350,29 +371,21 @@ def weights_not_solved(model: nn.Module, traced: Sequence[LayerInfo]) -> list[tu
         if not any(p is not None for p in module._parameters.values()):
             continue
         kind = type(module).__name__
-        parent = _functional_parent(model, name)
+        if isinstance(module, nn.MultiheadAttention) and all(
+            (f"{name}.{p}" if name else p) in reached for p in PROJECTIONS
+        ):
+            if module.bias_k is not None:
+                out.append((name, kind, _EXTRA_KV))
+            continue
         if isinstance(module, TARGET_TYPES):
-            why = ("never called as a module: its parent "
-                   f"{parent[0]!r} ({parent[1]}) uses its weight functionally" if parent else
-                   "never called in an eval-mode forward (an auxiliary head or a branch the "
-                   "forward skips)")  # fmt: skip
-        elif parent:
-            continue  # named with its attention parent
+            why = ("never reached in an eval-mode forward, as a module or through F.linear "
+                   "with its own weight and bias (an auxiliary head, a branch the forward "
+                   "skips, or a weight its parent uses in another form)")  # fmt: skip
         else:
             why = next((r for types, r in _OTHERS if isinstance(module, types)),
                        f"{kind} holds weights but is not a conv / linear layer")  # fmt: skip
         out.append((name, kind, why))
     return out
-
-
-def _functional_parent(model: nn.Module, name: str) -> tuple[str, str] | None:
-    """The attention module above ``name`` that applies its weights itself, if any."""
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        parent = ".".join(parts[:i])
-        if isinstance(model.get_submodule(parent), nn.MultiheadAttention):
-            return parent, "MultiheadAttention"
-    return None
 
 
 #: Why a layer whose weight is all zero at init is left as it is. A zero-initialized head
@@ -411,7 +424,15 @@ def _tie_groups(model, traced, forms, reasons: dict[str, str]) -> list[Follower]
         form = forms[info.name]
         if info.name in done or isinstance(form, str):
             continue
-        module = model.get_submodule(info.name)
+        module = get_layer(model, info.name)
+        if isinstance(module, Projection):  # a view of its attention module's weights
+            owner = module.owner
+            params = [p for p in owner._parameters.values() if p is not None]
+            others = {n for p in params for n, _, m in holders.get(id(p), []) if m is not owner}
+            if others:
+                reasons.setdefault(info.name, f"weight tied to {min(others)!r}: rescaling "
+                                   "it would change that module too")  # fmt: skip
+            continue
         own = f"{info.name}.parametrizations." if info.name else "parametrizations."
         group = [h for h in holders.get(id(form.magnitude), []) if not h[0].startswith(own)]
         bias = module.bias if isinstance(module.bias, nn.Parameter) else None

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import moments as mom
+from .attention import get_layer
 from .config import RunConfig
 from .data import Source
 from .layers import LayerInfo, LayerPlan
@@ -93,7 +94,7 @@ class LayerLoop:
         model = self.setup.ctx.model
         for f in self.setup.plan.followers:
             if f.leader in self.solutions:
-                bias = model.get_submodule(f.name).bias
+                bias = get_layer(model, f.name).bias
                 out[f.name] = follower_solution(self.solutions[f.leader], bias, f.shares_bias)
         return out
 
@@ -106,6 +107,7 @@ class LayerLoop:
             self.setup.allow_tf32,
             tuple((solved or {}).items()),
             cache,
+            functional=any(i.functional for i in self.layers),
         )
 
     def layer_pass(
@@ -145,7 +147,7 @@ class LayerLoop:
     def solve_layer(self, k: int, info: LayerInfo) -> LayerStats:
         """Measure and solve one layer (iterating when its calls feed each other)."""
         config = self.setup.config
-        module = self.setup.ctx.model.get_submodule(info.name)
+        module = get_layer(self.setup.ctx.model, info.name)
         has_bias = getattr(module, "bias", None) is not None
         calls = self.layer_pass(k, info, 1)
         before = mom.merge_all(calls)  # all calls pooled
@@ -233,7 +235,7 @@ class LayerLoop:
             )
         model = self.setup.ctx.model
         for name, solution in self.solutions.items():
-            rescale_(model.get_submodule(name), solution)
+            rescale_(get_layer(model, name), solution)
         return stats
 
     def verify(self, stats, initial, final, holdout: Source | None) -> list[LayerStats]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .attention import get_layer
 from .cache import Segments, Uncacheable, parse_size
 from .checkpoint import check_fits, load_init, run_stats
 from .config import RunConfig
@@ -312,7 +313,7 @@ def _start(run: _Run, store: RunStore | None, plan: LayerPlan, numerics: dict) -
     if store is None:
         if config.orthogonal:
             generator = torch.Generator(device=run.device).manual_seed(config.seed)
-            orthogonal_([model.get_submodule(i.name) for i in plan.layers], generator=generator)
+            orthogonal_([get_layer(model, i.name) for i in plan.layers], generator=generator)
         attrs = root_attrs(
             config=run.identity["config"],
             dataset=run.train.describe(),

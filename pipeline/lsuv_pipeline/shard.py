@@ -9,6 +9,7 @@ it runs; who runs it is the executors' business (``executors.py``, ``cluster.py`
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from . import moments as mom
+from .attention import functional_calls
 from .cache import ActivationCache, Segments, default_budget
 from .hooks import capture, evaluating, solved_outputs
 from .layers import LayerInfo
@@ -58,6 +60,8 @@ class PassPlan:
         solved: ``(layer name, update)`` of the layers solved so far: their outputs are
             mapped through their updates (the model keeps its initial weights).
         cache: Measure from cached activations (one layer, early exit implied).
+        functional: Some of the run's layers are applied functionally (attention): route
+            the forward's calls through modules (``attention.functional_calls``).
     """
 
     layers: tuple[LayerInfo, ...]
@@ -66,6 +70,7 @@ class PassPlan:
     allow_tf32: bool = False
     solved: tuple[tuple[str, Solution], ...] = ()
     cache: CachePlan | None = None
+    functional: bool = False
 
 
 def measure_shard(
@@ -88,6 +93,7 @@ def measure_shard(
         evaluating(model),
         torch.inference_mode(),
         reproducible(device, allow_tf32=plan.allow_tf32),
+        functional_calls(model) if plan.functional else contextlib.nullcontext(),
         solved_outputs(model, plan.solved),
         capture(model, plan.layers, stop_after=plan.stop_after) as cap,
     ):

@@ -51,6 +51,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm  # the class weight_norm installs
 
 from . import moments as mom
+from .attention import Projection
 from .errors import LayerError
 
 __all__ = [
@@ -287,6 +288,8 @@ class WeightForm:
 
 def weight_form(module: nn.Module, mode: Mode) -> WeightForm | str:
     """Return where ``module``'s weight scale lives, or why LSUV cannot rescale it."""
+    if isinstance(module, Projection):  # a view of its attention module's weight
+        return WeightForm("plain", module.weight)
     if parametrize.is_parametrized(module, "bias"):
         return "its bias is computed by a parametrization, which LSUV cannot shift"
     if parametrize.is_parametrized(module, "weight"):

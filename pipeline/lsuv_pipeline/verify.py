@@ -154,7 +154,8 @@ def verify(
     model.to(dev)
     ctx = PassContext(executor or InlineExecutor(), model, dev, config.shard_size,
                       as_progress(progress))  # fmt: skip
-    plan = PassPlan(tuple(run.layers), None, config.batch_size)
+    functional = any(i.functional for i in run.layers)
+    plan = PassPlan(tuple(run.layers), None, config.batch_size, functional=functional)
     measured = run_pass(ctx, data, plan, label=f"verify {split}")
     recorded = {s.name: s for s in run.stats()}
     stats, failures = [], []
