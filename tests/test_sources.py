@@ -390,10 +390,13 @@ def test_source_from_a_dataset_with_a_custom_collate():
     src = source_from(Records(images), collate=to_unit)
     assert same_bytes(src.batch(2, 6), images[2:6].float().div(255))
     assert src.transform["user"]["collate"].endswith("test_sources.to_unit")
-    with pytest.raises(ConfigError, match=r"is a dict, not a tensor .* collate="):
-        source_from(Records(images))
-    with pytest.raises(ConfigError, match=r"dtype torch.uint8; expected floating-point"):
-        source_from(TensorDataset(images))
+    records = source_from(Records(images)).batch(2, 6)  # dict items stack into a dict batch
+    assert set(records) == {"image", "id"} and records["id"].tolist() == [2, 3, 4, 5]
+    assert records["image"].dtype == torch.uint8  # integers stay integers (token ids)
+    with pytest.raises(ConfigError, match=r"is a str, not a tensor .* collate="):
+        source_from([["a", "b"]])
+    with pytest.raises(ConfigError, match=r"is a dict holding str, not a tensor .* collate="):
+        source_from([{"text": "a b", "ids": torch.zeros(1, 3)}])
     assert limited(src, 4).count == 4
     with pytest.raises(DataError, match=r"has no samples"):
         source_from(TensorDataset(torch.zeros(0, 3)))

@@ -23,6 +23,7 @@ is not cached: its passes run from the input with early exit.
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -86,16 +87,18 @@ class Segments:
             )
         try:
             with evaluating(model):  # trace the eval-mode forward, the one passes run
-                self.module = fx.symbolic_trace(model)
+                self.module = fx.symbolic_trace(model, concrete_args=_optional_args(model))
         except Exception as exc:
             reason = first_line(exc, 160)
             raise Uncacheable(f"torch.fx cannot trace {type(model).__name__} ({reason})") from None
         self.nodes = list(self.module.graph.nodes)
         inputs = [n for n in self.nodes if n.op == "placeholder"]
-        if len(inputs) != 1:
+        fixed = [n for n in inputs[1:] if len(n.args) == 1]  # optional ones, at their default
+        if not inputs or len(fixed) != len(inputs) - 1:
             raise Uncacheable(f"the traced forward takes {len(inputs)} inputs, not 1")
         self.input = inputs[0]
-        self.first = self.nodes.index(self.input) + 1
+        self.fixed = {n: n.args[0] for n in fixed}
+        self.first = self.nodes.index(inputs[-1]) + 1
         self.by_name = {n.name: n for n in self.nodes}
         self.names = [i.name for i in layers]
         self.positions: list[int] = []
@@ -170,7 +173,7 @@ class Segments:
         kept, sizes = [], []
         for env, x, n in items:
             if env is None:
-                env = {self.input: x.to(device, non_blocking=True)}
+                env = {self.input: x.to(device, non_blocking=True), **self.fixed}
             else:
                 env = {self.by_name[name]: t for name, t in env.items()}
                 if prev in env:  # layer k-1 was measured raw: its update applies now
@@ -187,6 +190,21 @@ class Segments:
                 on_batch(n)
         new = _ShardState(k, kept, sizes, _nbytes(kept)) if keep else None
         return (acc.to("cpu"),), new
+
+
+def _optional_args(model: nn.Module) -> dict[str, object]:
+    """The forward's parameters after the input that have defaults, fixed at them: passes
+    call ``model(x)``, so an optional mask or flag (timm's ViT) is its default."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params[1:]
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
 
 
 def _drain(state: _ShardState) -> Iterator[tuple[dict, None, int]]:

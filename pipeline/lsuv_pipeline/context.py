@@ -67,16 +67,17 @@ def open_split(
     download: bool = True,
     data=None,
     collate=None,
+    whole: bool = False,
 ) -> Source:
     """Open one split of the run's data: ``config.dataset`` under ``root``, or ``data``.
 
     ``data`` is a user's own data (see :func:`~lsuv_pipeline.data.source_from`), labelled
-    ``config.dataset``; ``config.limit`` applies to both.
+    ``config.dataset``, its batches kept ``whole`` for a ``forward_fn``; ``config.limit``
+    applies to both.
     """
     if data is not None:
-        return limited(
-            source_from(data, name=config.dataset, split=split, collate=collate), config.limit
-        )
+        source = source_from(data, name=config.dataset, split=split, collate=collate, whole=whole)
+        return limited(source, config.limit)
     spec = DatasetSpec(
         name=config.dataset,
         split=split,
@@ -89,12 +90,11 @@ def open_split(
 
 
 def open_sources(
-    config: RunConfig, root: Path, download: bool, data, holdout_data, collate
+    config: RunConfig, root: Path, download: bool, data, holdout_data, collate, whole=False
 ) -> tuple[Source, Source | None]:
     """The solve split and, when the run measures one, the held-out split."""
-    train = open_split(
-        config, config.split, root=root, download=download, data=data, collate=collate
-    )
+    train = open_split(config, config.split, root=root, download=download, data=data,
+                       collate=collate, whole=whole)  # fmt: skip
     holdout = None
     if config.verify and config.holdout is not None:
         if config.holdout == config.split:
@@ -109,6 +109,7 @@ def open_sources(
                 download=download,
                 data=holdout_data,
                 collate=collate,
+                whole=whole,
             )
     return train, holdout
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import moments as mom
 from .attention import get_layer
+from .batches import ForwardFn, MaskFn, call, token_mask
 from .solve import Solution, output_map, transform_output
 
 
@@ -101,17 +102,37 @@ class Capture:
             (one entry for a layer called once), on the activations' device.
     """
 
-    def __init__(self, model: nn.Module, stop_calls: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        stop_calls: int,
+        forward: ForwardFn | None = None,
+        mask: MaskFn | None = None,
+    ) -> None:
         self.moments: dict[str, list[mom.Moments]] = {}
         self._model = model
         self._stop_calls = stop_calls
+        self._forward = forward
+        self._mask_fn = mask
+        self.mask: torch.Tensor | None = None
         self._calls: dict[str, int] = {}
 
-    def forward(self, x: torch.Tensor) -> None:
-        """Run the model on ``x``, ending early after the stop layer's last call."""
+    def forward(self, batch) -> None:
+        """Run the model on a batch (``batches.call``), ending early after the stop layer's
+        last call."""
         self._calls.clear()
+        if self._mask_fn is not None:
+            self.mask = token_mask(self._mask_fn, batch)
         with contextlib.suppress(StopForward):
-            self._model(x)
+            call(self._model, batch, self._forward)
+
+    def kept(self, out: torch.Tensor, dim: int) -> torch.Tensor:
+        """The positions of ``out`` the statistics count: those the token mask keeps, for a
+        ``(N, L, C)`` output of a batch whose mask is ``(N, L)``; else all of them."""
+        m = self.mask
+        if m is None or dim != -1 or out.ndim < 3 or tuple(out.shape[:2]) != tuple(m.shape):
+            return out
+        return out[m]
 
     def _call(self, name: str) -> int:
         """Count a call of ``name`` in this forward; return its index."""
@@ -129,7 +150,12 @@ class Capture:
 
 @contextlib.contextmanager
 def capture(
-    model: nn.Module, layers: Sequence[Target], *, stop_after: Target | None = None
+    model: nn.Module,
+    layers: Sequence[Target],
+    *,
+    stop_after: Target | None = None,
+    forward: ForwardFn | None = None,
+    mask: MaskFn | None = None,
 ) -> Iterator[Capture]:
     """Hook ``layers`` so every forward adds their outputs' moments to the capture.
 
@@ -142,11 +168,13 @@ def capture(
         model: The model to run.
         layers: Layers to measure.
         stop_after: End each forward right after this layer's last call of the forward.
+        forward: The caller's ``forward_fn(model, batch)`` (``batches.call``).
+        mask: The caller's ``mask_fn(batch)``: positions to leave out (``batches.token_mask``).
 
     Yields:
         A :class:`Capture`; call its ``forward`` per batch and read its ``moments``.
     """
-    cap = Capture(model, stop_after.calls if stop_after is not None else 0)
+    cap = Capture(model, stop_after.calls if stop_after is not None else 0, forward, mask)
     measured = {info.name: info for info in layers}
     hooked = dict(measured)
     if stop_after is not None:
@@ -162,7 +190,7 @@ def capture(
                 return
             call = cap._call(name)
             if measure:
-                cap._add(name, call, mom.from_batch(out, dim))
+                cap._add(name, call, mom.from_batch(cap.kept(out, dim), dim))
             if stop and call + 1 >= cap._stop_calls:
                 raise StopForward
 

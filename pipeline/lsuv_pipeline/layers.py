@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import batches as B
 from .attention import PROJECTIONS, Projection, attention_layers, functional_calls, get_layer
+from .batches import ForwardFn
 from .errors import ConfigError, ModelError
 from .hooks import evaluating, first_tensor
 from .solve import Mode, weight_form
@@ -105,7 +107,7 @@ def _targets(model: nn.Module) -> dict[nn.Module, str]:
     return {**found, **attention_layers(model)}
 
 
-def trace(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
+def trace(model: nn.Module, example, forward: ForwardFn | None = None) -> list[LayerInfo]:
     """Return the model's target layers in the order one forward pass first reaches them.
 
     Runs one forward on ``example`` (a couple of samples is enough) in eval mode with
@@ -115,7 +117,8 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
 
     Args:
         model: Any module; it is left unchanged, in its original train/eval mode.
-        example: A small input batch on the model's device.
+        example: A small input batch on the model's device (see ``batches.py``).
+        forward: The caller's ``forward_fn(model, batch)``, else ``batches.call``'s default.
 
     Returns:
         One :class:`LayerInfo` per target layer the forward pass calls. Target layers the
@@ -142,19 +145,18 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
             calls[module] = []
         calls[module].append((first_tensor(inputs), out))
 
-    x = example.detach().clone()
-    if x.is_floating_point():
-        x.requires_grad_(True)  # so every activation carries a graph to test dependence
+    # floating inputs carry a graph, so every activation can be tested for dependence
+    x = B.map_leaves(lambda t: t.detach().clone().requires_grad_(t.is_floating_point()), example)
     handles = [m.register_forward_hook(hook) for m in targets]
     try:
         with evaluating(model), torch.enable_grad():
             try:
                 with functional_calls(model) as routes:
-                    model(x)
+                    B.call(model, x, forward)
             except Exception as exc:  # the user's model rejected the input
                 raise ModelError(
-                    f"{type(model).__name__} failed on an input batch of shape "
-                    f"{tuple(example.shape)}: {type(exc).__name__}: {exc}"
+                    f"{type(model).__name__} failed on an input batch of {B.describe(example)}"
+                    f": {type(exc).__name__}: {exc}{_integer_hint(example)}"
                 ) from exc
             layers = [
                 LayerInfo(
@@ -176,6 +178,18 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
             "calls none of them"
         )
     return layers
+
+
+def _integer_hint(batch) -> str:
+    """Advice for a model that fails on integer inputs that may be raw images."""
+    kinds = {str(t.dtype) for t in B.leaves(batch) if not t.is_floating_point()}
+    if not kinds or not all(t.ndim >= 3 for t in B.leaves(batch)):
+        return ""
+    return (
+        f" (the batch holds {', '.join(sorted(kinds))} tensors, passed as they are: "
+        "images must be converted to floating point and normalized, in the dataset or in "
+        "collate=)"
+    )
 
 
 def _calls_depend(calls: list[tuple[torch.Tensor | None, torch.Tensor]]) -> bool:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from . import moments as mom
 from .attention import get_layer
+from .batches import ForwardFn, MaskFn
 from .config import RunConfig
 from .data import Source
 from .layers import LayerInfo, LayerPlan
@@ -61,6 +62,8 @@ class Setup:
         allow_tf32: Let CUDA use TF32 in the passes.
         cache_token: Identifies the run's activation cache (``None``: no cache).
         cache_budget: Bytes the cache may hold per process (``None``: automatic).
+        forward: The caller's ``forward_fn(model, batch)`` (``batches.call``).
+        mask: The caller's ``mask_fn(batch)``: token positions the statistics count.
     """
 
     config: RunConfig
@@ -71,6 +74,8 @@ class Setup:
     allow_tf32: bool = False
     cache_token: str | None = None
     cache_budget: int | None = None
+    forward: ForwardFn | None = None
+    mask: MaskFn | None = None
 
 
 @dataclass
@@ -108,6 +113,8 @@ class LayerLoop:
             tuple((solved or {}).items()),
             cache,
             functional=any(i.functional for i in self.layers),
+            forward=self.setup.forward,
+            mask=self.setup.mask,
         )
 
     def layer_pass(

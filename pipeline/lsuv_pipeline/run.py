@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import batches as B
 from .attention import get_layer
+from .batches import ForwardFn, MaskFn
 from .cache import Segments, Uncacheable, parse_size
 from .checkpoint import check_fits, load_init, run_stats
 from .config import RunConfig
@@ -117,6 +119,8 @@ class _Run:
     cache_budget: int | None
     overwrite: bool
     allow_mixed: bool
+    forward: ForwardFn | None = None
+    mask: MaskFn | None = None
 
 
 @keeps_callers_rng
@@ -128,6 +132,8 @@ def compute(
     data=None,
     holdout_data=None,
     collate=None,
+    forward_fn: ForwardFn | None = None,
+    mask_fn: MaskFn | None = None,
     data_root: str | Path | None = None,
     download: bool = True,
     device: str | torch.device | None = "auto",
@@ -155,6 +161,12 @@ def compute(
         data, holdout_data: Your own training and held-out data instead of
             ``config.dataset`` (a map-style Dataset or a sized collection of batches; see
             ``data.source_from``), batched by ``collate``.
+        forward_fn: ``forward_fn(model, batch)`` runs the model on one batch, given whole
+            as the data yields it (labels too); default ``model(**batch)`` for a dict batch,
+            ``model(x)`` for a tensor or an ``(x, y)`` pair (``batches.py``).
+        mask_fn: ``mask_fn(batch)`` gives a ``(N, L)`` tensor, true at the token positions
+            the statistics count (e.g. ``lambda b: b["attention_mask"]``): padding is left
+            out of every ``(N, L, C)`` Linear output's moments.
         data_root, download: Where the named datasets are; fetch a missing one.
         device: ``"auto"``, ``"cpu"``, ``"cuda[:N]"``; on a cluster, what workers use.
         workers, scheduler, scheduler_file, scheduler_timeout: Run on a local dask cluster
@@ -215,10 +227,16 @@ def _prepare(o: dict) -> tuple[_Run, contextlib.AbstractContextManager]:
     config = recorded_config(o["config"], model_given=o["model"] is not None)
     data = o["data"]
     root = resolve_root(o["data_root"]) if data is None else Path(".")
-    train, holdout = open_sources(
-        config, root, o["download"], data, o["holdout_data"], o["collate"]
-    )
+    forward, mask = o["forward_fn"], o["mask_fn"]
+    for option, fn in (("forward_fn", forward), ("mask_fn", mask)):
+        if fn is not None and not callable(fn):
+            raise ConfigError(f"{option} must be callable, got {type(fn).__name__}")
+    train, holdout = open_sources(config, root, o["download"], data, o["holdout_data"],
+                                  o["collate"], whole=forward is not None)  # fmt: skip
     model, provenance = model_for(config, o["model"], train)
+    for option, fn in (("forward_fn", forward), ("mask_fn", mask)):
+        if fn is not None:
+            provenance = {**provenance, option: B.callable_name(fn)}
     held = holdout.fingerprint if holdout is not None else None
     run = _Run(
         config=config,
@@ -234,6 +252,8 @@ def _prepare(o: dict) -> tuple[_Run, contextlib.AbstractContextManager]:
         cache_budget=budget,
         overwrite=o["overwrite"],
         allow_mixed=o["allow_mixed_hardware"],
+        forward=forward,
+        mask=mask,
     )
     if o["executor"] is not None:  # a caller's own: used as it is, left open
         return run, contextlib.nullcontext(o["executor"])
@@ -350,6 +370,12 @@ def _cache_token(run: _Run, plan: LayerPlan) -> str | None:
     """A token for the run's activation cache, or ``None`` (said once) when it is off."""
     if not run.cache:
         return None
+    if run.forward or run.mask or not isinstance(run.train.batch(0, 1), torch.Tensor):
+        run.progress.note(
+            "activation cache off: the batches are not one tensor given to the model "
+            "(forward_fn, mask_fn or dict batches); each pass runs from the input"
+        )
+        return None
     if plan.followers:
         tie = plan.followers[0]
         run.progress.note(
@@ -369,7 +395,8 @@ def _solve(run: _Run, store: RunStore | None, ctx: PassContext) -> RunResult:
     """Plan the layers, create or resume the store, run the layer loop and verification."""
     config, model = run.config, run.model
     model.to(run.device)
-    traced = trace(model, run.train.batch(0, min(2, run.train.count)).to(run.device))
+    example = B.to_device(run.train.batch(0, min(2, run.train.count)), run.device)
+    traced = trace(model, example, run.forward)
     plan = plan_layers(model, traced, include=config.include, exclude=config.exclude,
                        mode=config.mode, reinit=config.orthogonal)  # fmt: skip
     run.progress.warn(_listing(plan))  # shown even with -q: what is solved and what is not
@@ -385,6 +412,8 @@ def _solve(run: _Run, store: RunStore | None, ctx: PassContext) -> RunResult:
         run.allow_tf32,
         _cache_token(run, plan),
         run.cache_budget,
+        run.forward,
+        run.mask,
     )
     loop = LayerLoop(setup)
     started = time.perf_counter()

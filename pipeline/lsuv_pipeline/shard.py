@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import batches as B
 from . import moments as mom
 from .attention import functional_calls
+from .batches import ForwardFn, MaskFn
 from .cache import ActivationCache, Segments, default_budget
 from .hooks import capture, evaluating, solved_outputs
 from .layers import LayerInfo
@@ -62,6 +64,8 @@ class PassPlan:
         cache: Measure from cached activations (one layer, early exit implied).
         functional: Some of the run's layers are applied functionally (attention): route
             the forward's calls through modules (``attention.functional_calls``).
+        forward: The caller's ``forward_fn(model, batch)`` (``batches.call``).
+        mask: The caller's ``mask_fn(batch)``: token positions the statistics count.
     """
 
     layers: tuple[LayerInfo, ...]
@@ -71,6 +75,8 @@ class PassPlan:
     solved: tuple[tuple[str, Solution], ...] = ()
     cache: CachePlan | None = None
     functional: bool = False
+    forward: ForwardFn | None = None
+    mask: MaskFn | None = None
 
 
 def measure_shard(
@@ -95,12 +101,14 @@ def measure_shard(
         reproducible(device, allow_tf32=plan.allow_tf32),
         functional_calls(model) if plan.functional else contextlib.nullcontext(),
         solved_outputs(model, plan.solved),
-        capture(model, plan.layers, stop_after=plan.stop_after) as cap,
+        capture(
+            model, plan.layers, stop_after=plan.stop_after, forward=plan.forward, mask=plan.mask
+        ) as cap,  # fmt: skip
     ):
         for x in batches:
-            cap.forward(x.to(device, non_blocking=True))
+            cap.forward(B.to_device(x, device))
             if on_batch is not None:
-                on_batch(x.shape[0])
+                on_batch(B.size(x))
     return {name: tuple(m.to("cpu") for m in calls) for name, calls in cap.moments.items()}
 
 

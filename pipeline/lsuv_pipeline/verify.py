@@ -111,6 +111,8 @@ def verify(
     model: nn.Module | None = None,
     data=None,
     collate=None,
+    forward_fn=None,
+    mask_fn=None,
     data_root: str | Path | None = None,
     download: bool = True,
     device: str | torch.device | None = "auto",
@@ -128,7 +130,8 @@ def verify(
             how much it differs from the solved one.
         model: The model to load the weights into (default: built from the run's config).
         data: The split's samples, for a run computed on your own data (see ``compute``).
-        collate, data_root, download, device, executor, progress: As for ``compute``.
+        collate, forward_fn, mask_fn, data_root, download, device, executor, progress: As
+            for ``compute``.
 
     Returns:
         A :class:`Verification`; ``ok`` is false when some layer misses its tolerance.
@@ -148,14 +151,16 @@ def verify(
     tol = tol if split == config.split else holdout_tol
     dev = resolve_device(device)
     root = resolve_root(data_root) if data is None else Path(".")
-    data = open_split(config, split, root=root, download=download, data=data, collate=collate)
+    data = open_split(config, split, root=root, download=download, data=data, collate=collate,
+                      whole=forward_fn is not None)  # fmt: skip
     model = _model(run, model, data)
     load_init(model, run.path)
     model.to(dev)
     ctx = PassContext(executor or InlineExecutor(), model, dev, config.shard_size,
                       as_progress(progress))  # fmt: skip
     functional = any(i.functional for i in run.layers)
-    plan = PassPlan(tuple(run.layers), None, config.batch_size, functional=functional)
+    plan = PassPlan(tuple(run.layers), None, config.batch_size, functional=functional,
+                    forward=forward_fn, mask=mask_fn)  # fmt: skip
     measured = run_pass(ctx, data, plan, label=f"verify {split}")
     recorded = {s.name: s for s in run.stats()}
     stats, failures = [], []

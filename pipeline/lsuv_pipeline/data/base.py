@@ -144,11 +144,20 @@ class Source:
             "name": self.name,
             "split": self.split,
             "count": self.count,
-            "sample_shape": list(self.sample_shape),
+            "sample_shape": jsonable_shape(self.sample_shape),
             "num_classes": self.num_classes,
             "fingerprint": self.fingerprint,
             "transform": self.transform,
         }
+
+
+def jsonable_shape(shape):
+    """A sample shape as JSON: a list, or the batch's structure (dict, list) of lists."""
+    if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
+        return list(shape)
+    if isinstance(shape, dict):
+        return {str(k): jsonable_shape(v) for k, v in shape.items()}
+    return [jsonable_shape(v) for v in shape]
 
 
 def normalize_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import hashlib
 import itertools
 import json
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch.utils.data import (
@@ -17,10 +17,12 @@ from torch.utils.data import (
     RandomSampler,
     SubsetRandomSampler,
     WeightedRandomSampler,
+    default_collate,
 )
 
+from .. import batches as B
 from ..errors import ConfigError, DataError
-from .base import Shard, Source
+from .base import Shard, Source, jsonable_shape
 
 # -- user data -----------------------------------------------------------------------
 
@@ -35,6 +37,7 @@ def source_from(
     split: str = "train",
     fingerprint: str | None = None,
     collate: Callable | None = None,
+    whole: bool = False,
 ) -> Source:
     """Wrap a user's own data as a :class:`Source` (spec ``None``: it travels by pickling).
 
@@ -42,20 +45,25 @@ def source_from(
 
     * a :class:`Source`: returned as is;
     * a map-style ``torch.utils.data.Dataset`` (``__len__`` and ``__getitem__``): random
-      access, ``batch(start, stop)`` reads items ``start..stop-1``. An item is a tensor or a
-      tuple whose first element is one (``(x, y)``: ``x`` is taken). ``collate(items)``, if
-      given, turns the list of items as the dataset returns them into the batch (a tensor or
-      a tuple starting with one); by default the ``x``'s are stacked;
-    * any other sized, re-iterable collection of batches, each a tensor ``(B, ...)`` or a
-      tuple starting with one: a ``DataLoader`` without shuffling, a list of tensors, a list
-      of ``(x, y)`` pairs. ``collate(batch)``, if given, maps each yielded batch to its
-      tensor. See :class:`_BatchesSource` for what sequential access implies.
+      access, ``batch(start, stop)`` reads items ``start..stop-1``. An item is a tensor, a
+      dict of tensors, or a tuple whose first element is the input (``(x, y)``: ``x`` is
+      taken). ``collate(items)``, if given, turns the list of items as the dataset returns
+      them into the batch; by default they are stacked (``default_collate``);
+    * any other sized, re-iterable collection of batches, each a tensor ``(B, ...)``, a dict
+      of tensors or a tuple starting with the input: a ``DataLoader`` without shuffling, a
+      list of tensors, a list of ``(x, y)`` pairs. ``collate(batch)``, if given, maps each
+      yielded batch to the model's input. See :class:`_BatchesSource` for what sequential
+      access implies.
+
+    A batch is what ``batches.call`` hands the model: a tensor, or a dict of tensors (given
+    as keyword arguments). With ``whole=True`` (a caller's ``forward_fn``) tuples are kept
+    whole too, labels included. Integer tensors (token ids) stay integer.
 
     Only ``Dataset`` instances are read item by item; anything else is taken as batches, so a
     plain list of single-sample tensors would be misread (wrap it in a ``TensorDataset``).
     Prefer passing a ``Dataset`` over a ``DataLoader`` of it: random access, no counting pass.
-    Batches must be floating point (they are cast to float32); preprocessing is the data's
-    own business, done before it gets here. The source is shipped to dask workers by
+    Floating-point tensors are cast to float32; preprocessing is the data's own business,
+    done before it gets here. The source is shipped to dask workers by
     pickling, so ``data`` and ``collate`` must pickle for a cluster run.
 
     Args:
@@ -66,6 +74,7 @@ def source_from(
             sha256 spot check (see below), which does not see changes between the samples
             it reads: give your own (e.g. a data version) when that matters.
         collate: As above.
+        whole: Keep tuple batches whole (for a ``forward_fn``) instead of their first element.
 
     The default fingerprint hashes the number of samples, ``data``'s type name, the batch
     sizes (iterables) and the bytes of at most :data:`SPOT_CHECK` preprocessed samples
@@ -74,7 +83,7 @@ def source_from(
 
     Raises:
         ConfigError: An unsized iterable, a one-shot iterator, a shuffling ``DataLoader``,
-            an ``IterableDataset``, or batches that are not floating-point tensors.
+            an ``IterableDataset``, or batches that are not tensors (or dicts, tuples of them).
         DataError: ``data`` holds no samples.
     """
     if isinstance(data, Source):
@@ -88,40 +97,33 @@ def source_from(
         )
     if isinstance(data, Dataset):
         return _DatasetSource(
-            data, name=name, split=split, fingerprint=fingerprint, collate=collate
+            data, name=name, split=split, fingerprint=fingerprint, collate=collate, whole=whole
         )
-    return _BatchesSource(data, name=name, split=split, fingerprint=fingerprint, collate=collate)
+    return _BatchesSource(
+        data, name=name, split=split, fingerprint=fingerprint, collate=collate, whole=whole
+    )
 
 
 def _type_name(obj) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def _callable_name(fn: Callable) -> str:
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+def _input(value, whole: bool):
+    """The model's input in an item or batch: a tensor or mapping as it is, the first
+    element of a tuple / list (``(x, y)``), or the whole value when ``whole``."""
+    if whole or isinstance(value, (torch.Tensor, Mapping)):
+        return value
+    if isinstance(value, (tuple, list)) and len(value) > 0:
+        return value[0]
+    return value
 
 
-def _first(item) -> object:
-    """``x`` of an item or batch: the item itself, or the first element of a tuple / list."""
-    return item[0] if isinstance(item, (tuple, list)) and len(item) > 0 else item
-
-
-def _float_batch(value, what: str, *, batch: bool = True) -> torch.Tensor:
-    """The float32 CPU tensor in ``value`` (a tensor or a tuple starting with one)."""
-    x = _first(value)
-    if not isinstance(x, torch.Tensor):
-        raise ConfigError(
-            f"{what} is a {type(x).__name__}, not a tensor (or a tuple starting with one); "
-            "pass collate= to build the batch"
-        )
-    if not x.is_floating_point():
-        raise ConfigError(
-            f"{what} has dtype {x.dtype}; expected floating-point, preprocessed samples "
-            "(convert and normalize them in the dataset or in collate=)"
-        )
-    if batch and x.ndim < 1:
-        raise ConfigError(f"{what} is a scalar, not a batch")
-    return x.detach().to(device="cpu", dtype=torch.float32)
+def _as_batch(value, what: str, whole: bool):
+    """The host batch in ``value`` (see :func:`_input` and ``batches.check``)."""
+    try:
+        return B.check(_input(value, whole), what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _spot_indices(n: int) -> list[int]:
@@ -134,22 +136,23 @@ def _spot_indices(n: int) -> list[int]:
 class _DatasetSource(Source):
     """A map-style dataset: random access, items collated per batch (see :func:`source_from`)."""
 
-    def __init__(self, data, *, name, split, fingerprint, collate) -> None:
+    def __init__(self, data, *, name, split, fingerprint, collate, whole) -> None:
         self.data = data
         self.collate = collate
+        self.whole = whole
         self.name = name
         self.split = split
         self.count = len(data)
         if self.count == 0:
             raise DataError(f"dataset {name!r} ({_type_name(data)}) has no samples")
-        self.sample_shape = tuple(self._collated(0, 1).shape[1:])
+        self.sample_shape = B.sample_shape(self._collated(0, 1))
         classes = getattr(data, "classes", None)
         self.num_classes = len(classes) if isinstance(classes, (list, tuple)) else None
         self.transform = {
             "user": {
                 "kind": "dataset",
                 "type": _type_name(data),
-                "collate": _callable_name(collate) if collate else "torch.stack of the samples",
+                "collate": B.callable_name(collate) if collate else "torch.stack of the samples",
             }
         }
         self.fingerprint = fingerprint or self._spot_check()
@@ -158,28 +161,35 @@ class _DatasetSource(Source):
         items = [self.data[i] for i in range(start, stop)]
         what = f"dataset {self.name!r} items {start}..{stop - 1}"
         if self.collate is not None:
-            return _float_batch(self.collate(items), what)
-        return torch.stack([_float_batch(item, what, batch=False) for item in items])
+            return _as_batch(self.collate(items), what, self.whole)
+        inputs = [_input(item, self.whole) for item in items]
+        if all(isinstance(x, torch.Tensor) for x in inputs):
+            return _as_batch(torch.stack(inputs), what, True)
+        try:
+            return _as_batch(default_collate(inputs), what, True)
+        except (TypeError, RuntimeError) as exc:
+            raise ConfigError(f"{what} do not stack into a batch ({exc}); pass collate=") from None
 
-    def batch(self, start: int, stop: int) -> torch.Tensor:
+    def batch(self, start: int, stop: int):
         stop = min(stop, self.count)
         if start >= stop:
-            return torch.empty((0, *self.sample_shape))
+            return B.empty_like(self.sample_shape)
         x = self._collated(start, stop)
-        if x.shape[0] != stop - start or tuple(x.shape[1:]) != self.sample_shape:
+        if B.size(x) != stop - start or B.sample_shape(x) != self.sample_shape:
             raise DataError(
-                f"dataset {self.name!r} items {start}..{stop - 1} collate to shape "
-                f"{tuple(x.shape)}, expected {(stop - start, *self.sample_shape)}"
+                f"dataset {self.name!r} items {start}..{stop - 1} collate to {B.size(x)} "
+                f"samples of shape {B.sample_shape(x)}, expected {stop - start} of "
+                f"{self.sample_shape}"
             )
         return x
 
     def _spot_check(self) -> str:
         h = hashlib.sha256()
         head = {"kind": "dataset", "type": _type_name(self.data), "count": self.count}
-        h.update(json.dumps({**head, "sample_shape": list(self.sample_shape)}).encode())
+        h.update(json.dumps({**head, "sample_shape": jsonable_shape(self.sample_shape)}).encode())
         for i in _spot_indices(self.count):
             h.update(f"{i}:".encode())
-            h.update(self.batch(i, i + 1).numpy().tobytes())
+            B.hash_into(h, self.batch(i, i + 1))
         return "sha256:" + h.hexdigest()
 
 
@@ -203,7 +213,7 @@ class _BatchesSource(Source):
     counts the iterations started after opening.
     """
 
-    def __init__(self, data, *, name, split, fingerprint, collate) -> None:
+    def __init__(self, data, *, name, split, fingerprint, collate, whole) -> None:
         try:
             batches_count = len(data)
         except TypeError:
@@ -225,6 +235,7 @@ class _BatchesSource(Source):
             )
         self.data = data
         self.collate = collate
+        self.whole = whole
         self.name = name
         self.split = split
         self.iterations = 0
@@ -236,19 +247,19 @@ class _BatchesSource(Source):
         for i, raw in enumerate(data):
             x = self._tensor(raw, i)
             if first_shape is None:
-                first_shape = tuple(x.shape[1:])
-            elif tuple(x.shape[1:]) != first_shape:
+                first_shape = B.sample_shape(x)
+            elif B.sample_shape(x) != first_shape:
                 raise ConfigError(
-                    f"batch {i} of {name!r} has samples of shape {tuple(x.shape[1:])}, "
+                    f"batch {i} of {name!r} has samples of shape {B.sample_shape(x)}, "
                     f"batch 0 has {first_shape}"
                 )
-            sizes.append(x.shape[0])
+            sizes.append(B.size(x))
             if i in spot:
                 h.update(f"{i}:".encode())
-                h.update(x[0].numpy().tobytes())
+                B.hash_into(h, B.take(x, 0, 1))
         if not sizes:
             raise DataError(f"dataset {name!r} ({_type_name(data)}) yields no batches")
-        h.update(x[-1].numpy().tobytes())
+        B.hash_into(h, B.take(x, sizes[-1] - 1, sizes[-1]))
         self._offsets = [0, *itertools.accumulate(sizes)]  # batch i is [offsets[i], offsets[i+1])
         self.count = self._offsets[-1]
         self.sample_shape = first_shape
@@ -258,18 +269,18 @@ class _BatchesSource(Source):
             "user": {
                 "kind": "batches",
                 "type": _type_name(data),
-                "collate": _callable_name(collate) if collate else "first element of each batch",
+                "collate": B.callable_name(collate) if collate else "first element of each batch",
             }
         }
         head = {"kind": "batches", "type": _type_name(data), "count": self.count, "sizes": sizes}
-        h.update(json.dumps({**head, "sample_shape": list(first_shape)}).encode())
+        h.update(json.dumps({**head, "sample_shape": jsonable_shape(first_shape)}).encode())
         self.fingerprint = fingerprint or "sha256:" + h.hexdigest()
 
     def _reset(self) -> None:
         self._lock = threading.Lock()  # dask worker threads may share one source
         self._it: Iterator | None = None
         self._pos = 0  # batches the current iteration has yielded
-        self._last: tuple[int, torch.Tensor] | None = None
+        self._last: tuple[int, object] | None = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -281,14 +292,14 @@ class _BatchesSource(Source):
         self.__dict__.update(state)
         self._reset()
 
-    def _tensor(self, raw, index: int) -> torch.Tensor:
+    def _tensor(self, raw, index: int):
         value = self.collate(raw) if self.collate is not None else raw
-        x = _float_batch(value, f"batch {index} of {self.name!r}")
-        if x.shape[0] == 0:
+        x = _as_batch(value, f"batch {index} of {self.name!r}", self.whole)
+        if B.size(x) == 0:
             raise ConfigError(f"batch {index} of {self.name!r} is empty")
         return x
 
-    def _fetch(self, index: int) -> torch.Tensor:
+    def _fetch(self, index: int):
         """Batch ``index`` of the iterable, continuing the current iteration when possible."""
         with self._lock:
             if self._last is not None and self._last[0] == index:
@@ -308,27 +319,26 @@ class _BatchesSource(Source):
                 ) from None
             self._pos += 1
             expected = self._offsets[index + 1] - self._offsets[index]
-            if x.shape[0] != expected:
+            if B.size(x) != expected:
                 raise DataError(
-                    f"batch {index} of {self.name!r} has {x.shape[0]} samples, {expected} when "
+                    f"batch {index} of {self.name!r} has {B.size(x)} samples, {expected} when "
                     "opened: the data changed between passes"
                 )
             self._last = (index, x)
             return x
 
-    def batch(self, start: int, stop: int) -> torch.Tensor:
+    def batch(self, start: int, stop: int):
         stop = min(stop, self.count)
         if start >= stop:
-            return torch.empty((0, *self.sample_shape))
+            return B.empty_like(self.sample_shape)
         first = bisect.bisect_right(self._offsets, start) - 1
         end = bisect.bisect_left(self._offsets, stop)  # batches [first, end) overlap the range
         pieces = []
         for i in range(first, end):
             lo = self._offsets[i]
-            pieces.append(
-                self._fetch(i)[max(start, lo) - lo : min(stop, self._offsets[i + 1]) - lo]
-            )
-        return torch.cat(pieces)  # a new tensor: callers never share the cursor's batch
+            a, b = max(start, lo) - lo, min(stop, self._offsets[i + 1]) - lo
+            pieces.append(B.take(self._fetch(i), a, b))
+        return B.cat(pieces)  # a new batch: callers never share the cursor's batch
 
     def shards(self, shard_size: int) -> list[Shard]:
         if shard_size < 1:
