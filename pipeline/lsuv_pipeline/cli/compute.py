@@ -37,8 +37,8 @@ __all__ = ["compute"]
     "--model",
     default="mj",
     show_default=True,
-    help="mj, a torchvision classification model (resnet18, vgg11_bn, ...), or "
-    "package.module:factory.",
+    help="mj, a torchvision classification model (resnet18, vgg11_bn, ...), a timm model "
+    "(timm:resnet50, ...; pip install timm), or package.module:factory.",
 )
 @click.option(
     "--model-kwargs",
