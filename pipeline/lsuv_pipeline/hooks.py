@@ -35,6 +35,8 @@ __all__ = [
     "channel_dim",
     "evaluating",
     "first_tensor",
+    "in_model_dtype",
+    "model_dtype",
     "solved_outputs",
 ]
 
@@ -54,6 +56,21 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def in_model_dtype(batch, model: nn.Module):
+    """Return a floating tensor ``batch`` in the dtype of ``model``'s first floating
+    parameter (a bfloat16 / float16 model runs on bfloat16 / float16 inputs); anything else
+    (integer token ids, a model without floating parameters, a dict) as it is."""
+    if not isinstance(batch, torch.Tensor) or not batch.is_floating_point():
+        return batch
+    dtype = model_dtype(model) or batch.dtype
+    return batch if batch.dtype == dtype else batch.to(dtype)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating parameter (``None``: it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def first_tensor(value) -> torch.Tensor | None:
@@ -107,10 +124,11 @@ class Capture:
         self._calls: dict[str, int] = {}
 
     def forward(self, x: torch.Tensor) -> None:
-        """Run the model on ``x``, ending early after the stop layer's last call."""
+        """Run the model on ``x`` (in the model's dtype), ending early after the stop layer's
+        last call."""
         self._calls.clear()
         with contextlib.suppress(StopForward):
-            self._model(x)
+            self._model(in_model_dtype(x, self._model))
 
     def _call(self, name: str) -> int:
         """Count a call of ``name`` in this forward; return its index."""

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ModelError
-from .hooks import evaluating, first_tensor
+from .hooks import evaluating, first_tensor, in_model_dtype
 from .solve import Mode, weight_form
 
 __all__ = [
@@ -130,7 +130,7 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
             calls[module] = []
         calls[module].append((first_tensor(inputs), out))
 
-    x = example.detach().clone()
+    x = in_model_dtype(example.detach().clone(), model)
     if x.is_floating_point():
         x.requires_grad_(True)  # so every activation carries a graph to test dependence
     handles = [m.register_forward_hook(hook) for m in targets]

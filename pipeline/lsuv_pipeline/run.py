@@ -26,7 +26,7 @@ from torch import nn
 
 from .cache import Segments, Uncacheable, parse_size
 from .checkpoint import check_fits, load_init, run_stats
-from .config import RunConfig
+from .config import RunConfig, with_default_tol
 from .context import (
     keeps_callers_rng,
     model_for,
@@ -38,6 +38,7 @@ from .context import (
 from .data import Source, resolve_root
 from .errors import ConfigError, Interrupted, OffTarget, ReadOnlyStore, StoreError
 from .executors import Executor
+from .hooks import model_dtype
 from .layers import LayerPlan, plan_layers, trace
 from .lock import LOCK_NAME, writer_lock
 from .lsuv import LayerLoop, Setup, off_target
@@ -218,6 +219,7 @@ def _prepare(o: dict) -> tuple[_Run, contextlib.AbstractContextManager]:
         config, root, o["download"], data, o["holdout_data"], o["collate"]
     )
     model, provenance = model_for(config, o["model"], train)
+    config = with_default_tol(config, model_dtype(model))  # recorded as used, not as None
     held = holdout.fingerprint if holdout is not None else None
     run = _Run(
         config=config,
