@@ -8,13 +8,14 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from torch import nn
 
 from lsuv_pipeline import RunConfig, compute, load_init, open_run
 from lsuv_pipeline import moments as mom
 from lsuv_pipeline.cli import cli
 from lsuv_pipeline.errors import ConfigError, ModelError, UnknownModel
 from lsuv_pipeline.layers import select, trace
-from lsuv_pipeline.models import ModelSpec, build_model
+from lsuv_pipeline.models import ModelSpec, build_model, unwrap
 
 USER = "tests.fixtures.user_models"
 
@@ -312,3 +313,11 @@ def test_a_timm_model_from_the_command_line_gets_unit_std_on_every_layer(tmp_pat
         assert abs(std - 1) < 1e-4, (info.name, std)
         if run.layer(info.name)["has_bias"]:  # a bias-free conv (before its BN) keeps its mean
             assert abs(mean) < 1e-4, (info.name, mean)
+
+
+def test_unwrap_takes_off_data_parallel_and_compile_wrappers_repeatedly():
+    inner = nn.Linear(2, 2)
+    assert unwrap(inner) is inner
+    assert unwrap(nn.DataParallel(inner)) is inner
+    assert unwrap(torch.compile(nn.DataParallel(nn.DataParallel(inner)))) is inner
+    assert unwrap(nn.Sequential(inner)) is not inner  # a container is a model, not a wrapper

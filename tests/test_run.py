@@ -11,7 +11,7 @@ from lsuv_pipeline import moments as mom
 from lsuv_pipeline.cli import cli
 from lsuv_pipeline.data import DatasetSpec, open_source
 from lsuv_pipeline.errors import DataError, LayerError, ModelError, OffTarget, StoreError
-from lsuv_pipeline.models import mj
+from lsuv_pipeline.models import mj, unwrap
 from lsuv_pipeline.progress import Progress
 
 SMALL = dict(limit=1500, shard_size=512, batch_size=128)
@@ -602,3 +602,29 @@ def test_a_float32_model_keeps_the_default_tolerance_and_an_explicit_one_is_kept
     half = small_cnn().to(torch.bfloat16)
     assert compute(cfg, tmp_path / "b.zarr", model=half, data_root=data_root,
                    device="cpu").config.tol == 3e-3  # fmt: skip
+
+
+@pytest.mark.parametrize("wrap", ["DataParallel", "compile", "compiled DataParallel"])
+def test_a_wrapped_model_is_solved_under_its_plain_names_and_the_wrapper_keeps_the_weights(
+    tmp_path, data_root, wrap
+):
+    inner = mj()
+    wrapped = {
+        "DataParallel": lambda: nn.DataParallel(inner),  # on the CPU: calls the module
+        "compile": lambda: torch.compile(inner),  # never run: the tool runs _orig_mod
+        "compiled DataParallel": lambda: torch.compile(nn.DataParallel(inner)),
+    }[wrap]()
+    out = tmp_path / "wrapped.zarr"
+    cfg = RunConfig(limit=512, shard_size=256, holdout=None)
+    result = compute(cfg, out, model=wrapped, data_root=data_root, device="cpu")
+    names = ["conv1", "conv2", "conv3", "conv4", "l1"]
+    assert [s.name for s in result.solved] == names and result.model is inner
+    g = zarr.open_group(str(out), mode="r")
+    assert sorted(g["final"].array_keys()) == sorted(inner.state_dict())
+    assert np.array_equal(g["final/conv1.weight"][...], inner.conv1.weight.detach().numpy())
+    for loaded in (load_init(mj(), out), unwrap(load_init(nn.DataParallel(mj()), out))):
+        assert all(torch.equal(v, inner.state_dict()[k]) for k, v in loaded.state_dict().items())
+    # the wrapper shares the solved module: its own state has the new weights
+    assert torch.equal(wrapped.state_dict()[next(iter(wrapped.state_dict()))],
+                       inner.conv1.weight)  # fmt: skip
+    assert verify(out, model=wrapped, data_root=data_root, device="cpu").ok

@@ -39,6 +39,7 @@ __all__ = [
     "resolve_factory",
     "timm_factory",
     "torchvision_models",
+    "unwrap",
 ]
 
 
@@ -278,6 +279,25 @@ def describe_model(model: nn.Module) -> dict:
         "structure": "sha256:" + structure.hexdigest(),
         "initial": "sha256:" + initial.hexdigest(),
     }
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Return the module inside ``DataParallel`` / ``DistributedDataParallel`` (``.module``)
+    and ``torch.compile`` (``._orig_mod``) wrappers, taken off one by one.
+
+    A wrapper prefixes every parameter name (``module.conv1.weight``,
+    ``_orig_mod.conv1.weight``); its inner module has the plain names, and shares its
+    tensors with the wrapper, so whatever is written into one is in the other.
+    """
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):  # torch._dynamo's class, named rather than imported (importing dynamo is slow)
+            model = model._orig_mod
+        else:
+            return model
 
 
 def assign_state_(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -16,7 +16,7 @@ from .context import keeps_callers_rng, model_for, open_split, resolve_device
 from .data import resolve_root
 from .errors import ConfigError, ModelError
 from .executors import Executor, InlineExecutor
-from .models import describe_model
+from .models import describe_model, unwrap
 from .passes import PassContext, run_pass
 from .progress import Progress, as_progress
 from .report import LayerStats, format_table
@@ -76,6 +76,7 @@ def _model(run, model: nn.Module | None, data) -> nn.Module:
             "a model of the same architecture"
         )
     if model is not None:
+        model = unwrap(model)  # a DataParallel / torch.compile wrapper: the run's plain names
         structure = describe_model(model)["structure"]
         if recorded.get("structure") not in (None, structure):
             raise ModelError(
