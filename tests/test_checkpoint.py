@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from lsuv_pipeline import RunConfig, compute, export, load_init, mj, open_run
 from lsuv_pipeline.cli import cli
+from lsuv_pipeline.config import DEFAULT_TOL
 from lsuv_pipeline.errors import StoreError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +150,8 @@ def test_shipped_checkpoint_loads_by_name_and_solves_mnist():
     model = load_init(mj(), "mnist-mj")
     run = open_run("mnist-mj")
     assert run.path.resolve() == SHIPPED.resolve()
-    assert run.config == RunConfig()  # the documented command: all defaults
+    # the documented command: all defaults, the tolerance as a float32 model resolves it
+    assert run.config == RunConfig(tol=DEFAULT_TOL) and RunConfig().tol is None
     assert run.attrs["dataset"]["count"] == 60000
     final = run.state("final")
     assert all(torch.equal(final[k], v) for k, v in model.state_dict().items())

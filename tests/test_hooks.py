@@ -5,7 +5,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lsuv_pipeline import moments as mom
-from lsuv_pipeline.hooks import capture, evaluating
+from lsuv_pipeline.hooks import capture, evaluating, in_model_dtype
 from lsuv_pipeline.layers import trace
 from tests.test_layers import InplaceRelu, Reordered, SharedInParallel
 
@@ -65,3 +65,13 @@ def test_evaluating_restores_each_modules_own_mode():
     with evaluating(model):
         assert not any(m.training for m in model.modules())
     assert [m.training for m in model] == [True, False, True]
+
+
+def test_a_floating_input_takes_the_models_dtype_and_token_ids_stay_integers():
+    model = nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 2)).to(torch.bfloat16)
+    assert in_model_dtype(torch.ones(2, 3), model).dtype == torch.bfloat16
+    ids = torch.tensor([[0, 3]])
+    assert in_model_dtype(ids, model) is ids
+    plain = torch.ones(2, 3)
+    assert in_model_dtype(plain, nn.Linear(3, 2)) is plain  # already the model's dtype
+    assert in_model_dtype(plain, nn.ReLU()) is plain  # no parameter to follow

@@ -1,19 +1,21 @@
 """Models by name, a user's own factory, real datasets, layer selection, the plot."""
 
 import itertools
+import sys
 
 import numpy as np
 import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from torch import nn
 
 from lsuv_pipeline import RunConfig, compute, load_init, open_run
 from lsuv_pipeline import moments as mom
 from lsuv_pipeline.cli import cli
-from lsuv_pipeline.errors import ConfigError, ModelError
+from lsuv_pipeline.errors import ConfigError, ModelError, UnknownModel
 from lsuv_pipeline.layers import select, trace
-from lsuv_pipeline.models import ModelSpec, build_model
+from lsuv_pipeline.models import ModelSpec, build_model, unwrap
 
 USER = "tests.fixtures.user_models"
 
@@ -81,6 +83,7 @@ def test_a_users_factory_with_kwargs_from_the_command_line(tmp_path, data_root):
         (["--model", f"{USER}:broken"], "the checkpoint server is down"),
         (["--model", f"{USER}:no_layers"], "has no conv or linear layer"),
         (["--model", "resnet19"], "unknown model 'resnet19'"),
+        (["--model", "timm:resnet19"], "unknown timm model 'resnet19'"),
         (["--model-kwargs", "{width: 6}"], "--model-kwargs"),
         (["--model-kwargs", "[1, 2]"], "must be a JSON object"),
         (["--include", "conv9"], "--include 'conv9' matches no conv / linear layer"),
@@ -264,3 +267,57 @@ def test_a_users_own_data_through_the_api(tmp_path, data_root):
     # the same samples in the same batches: the same init, whichever container held them
     for a, b in itertools.pairwise(finals):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_timm_models_by_name_are_built_for_the_data_and_seeded():
+    pytest.importorskip("timm")
+    a = build_model(ModelSpec(name="timm:test_resnet"), seed=3, in_channels=1, num_classes=7)
+    b = build_model(ModelSpec(name="timm:test_resnet"), seed=3, in_channels=1, num_classes=7)
+    assert a.conv1[0].in_channels == 1 and a.get_classifier().out_features == 7
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    assert a.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 7)
+    wide = build_model(ModelSpec(name="timm:test_resnet", kwargs={"drop_rate": 0.5}), seed=0)
+    assert wide.drop_rate == 0.5  # --model-kwargs reach timm.create_model
+
+
+def test_an_unknown_timm_name_and_a_missing_timm_are_one_line_errors(monkeypatch):
+    pytest.importorskip("timm")
+    with pytest.raises(UnknownModel, match=r"unknown timm model 'resnet19'.*timm.list_models"):
+        build_model(ModelSpec(name="timm:resnet19"), seed=0)
+    with pytest.raises(UnknownModel, match=r"--model 'timm:': expected timm:NAME"):
+        build_model(ModelSpec(name="timm:"), seed=0)
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
+    with pytest.raises(ModelError, match=r"--model 'timm:resnet18' needs timm: pip install timm"):
+        build_model(ModelSpec(name="timm:resnet18"), seed=0)
+
+
+def test_a_timm_model_from_the_command_line_gets_unit_std_on_every_layer(tmp_path, data_root):
+    pytest.importorskip("timm")
+    out = tmp_path / "timm.zarr"
+    result = CliRunner().invoke(
+        cli,
+        ["compute", "--model", "timm:test_resnet", "--data-root", str(data_root),
+         "--limit", "256", "--shard-size", "128", "--batch-size", "64", "--holdout", "none",
+         "--out", str(out), "-q"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output + result.stderr
+    run = open_run(out)
+    assert run.config.model == "timm:test_resnet" and len(run.layers) > 5
+    g = zarr.open_group(str(out), mode="r")
+    assert g["final/conv1.0.weight"].shape[1] == 1 and g["final/fc.weight"].shape[0] == 10
+    for info in run.layers:
+        mean, std = pooled(g, "verify/train", info.name)
+        assert abs(std - 1) < 1e-4, (info.name, std)
+        if run.layer(info.name)["has_bias"]:  # a bias-free conv (before its BN) keeps its mean
+            assert abs(mean) < 1e-4, (info.name, mean)
+
+
+def test_unwrap_takes_off_data_parallel_and_compile_wrappers_repeatedly():
+    inner = nn.Linear(2, 2)
+    assert unwrap(inner) is inner
+    assert unwrap(nn.DataParallel(inner)) is inner
+    assert unwrap(torch.compile(nn.DataParallel(nn.DataParallel(inner)))) is inner
+    assert unwrap(nn.Sequential(inner)) is not inner  # a container is a model, not a wrapper

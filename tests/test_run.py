@@ -6,12 +6,12 @@ from click.testing import CliRunner
 from torch import nn
 from torch.nn import functional as F
 
-from lsuv_pipeline import RunConfig, compute, load_init
+from lsuv_pipeline import RunConfig, compute, load_init, verify
 from lsuv_pipeline import moments as mom
 from lsuv_pipeline.cli import cli
 from lsuv_pipeline.data import DatasetSpec, open_source
 from lsuv_pipeline.errors import DataError, LayerError, ModelError, OffTarget, StoreError
-from lsuv_pipeline.models import mj
+from lsuv_pipeline.models import mj, unwrap
 from lsuv_pipeline.progress import Progress
 
 SMALL = dict(limit=1500, shard_size=512, batch_size=128)
@@ -215,7 +215,7 @@ def test_a_bias_free_layer_applied_twice_converges_on_its_std(tmp_path, data_roo
     shared = next(s for s in result.layers if s.name == "shared")
     assert shared.converged and shared.passes < cfg.max_iter
     attrs = zarr.open_group(str(tmp_path / "nb.zarr"))["layers/shared"].attrs
-    assert attrs["residual_std"] <= cfg.tol and attrs["residual_mean"] > cfg.tol
+    assert attrs["residual_std"] <= result.config.tol and attrs["residual_mean"] > result.config.tol
 
 
 class DeadSecond(nn.Module):
@@ -559,3 +559,72 @@ def test_a_model_that_checks_its_state_dict_version_is_solved_and_resumed(tmp_pa
     assert [s.name for s in result.solved] == ["conv", "head"]
     again = compute(RunConfig(**SMALL), out, model=model(), data_root=data_root, device="cpu")
     assert again.up_to_date  # the stored init loaded into a fresh model
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "dtype,tol,cache",
+    [(torch.bfloat16, 1e-2, True), (torch.bfloat16, 1e-2, False), (torch.float16, 1e-3, True)],
+)
+def test_a_half_precision_model_runs_in_its_dtype_and_is_judged_at_its_precision(
+    tmp_path, data_root, dtype, tol, cache
+):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = small_cnn().to(dtype)
+    out = tmp_path / "half.zarr"
+    cfg = RunConfig(limit=512, shard_size=256, batch_size=128, holdout=None)
+    result = compute(cfg, out, model=model, data_root=data_root, device="cpu", cache=cache)
+    assert result.config.tol == tol  # the default widened for the dtype, and recorded
+    assert zarr.open_group(str(out), mode="r").attrs["config"]["tol"] == tol
+    assert all(t.dtype == dtype for t in model.state_dict().values())
+    assert [s.name for s in result.solved] == ["0", "2", "6"]
+    for s in result.solved:
+        after = mom.reduce_channels(s.after["train"])
+        assert abs(after.mean.item()) < tol and abs(after.std.item() - 1) < tol, s.name
+    checked = verify(out, model=model, data_root=data_root, device="cpu")
+    assert checked.ok and checked.tol == tol
+    assert all(t.dtype == dtype for t in model.state_dict().values())
+
+
+def test_a_float32_model_keeps_the_default_tolerance_and_an_explicit_one_is_kept(
+    tmp_path, data_root
+):
+    cfg = RunConfig(limit=256, shard_size=256, holdout=None, verify=False)
+    assert compute(cfg, tmp_path / "a.zarr", data_root=data_root, device="cpu").config.tol == 1e-4
+    cfg = RunConfig(limit=256, shard_size=256, holdout=None, verify=False, tol=3e-3)
+    half = small_cnn().to(torch.bfloat16)
+    assert compute(cfg, tmp_path / "b.zarr", model=half, data_root=data_root,
+                   device="cpu").config.tol == 3e-3  # fmt: skip
+
+
+@pytest.mark.parametrize("wrap", ["DataParallel", "compile", "compiled DataParallel"])
+def test_a_wrapped_model_is_solved_under_its_plain_names_and_the_wrapper_keeps_the_weights(
+    tmp_path, data_root, wrap
+):
+    inner = mj()
+    wrapped = {
+        "DataParallel": lambda: nn.DataParallel(inner),  # on the CPU: calls the module
+        "compile": lambda: torch.compile(inner),  # never run: the tool runs _orig_mod
+        "compiled DataParallel": lambda: torch.compile(nn.DataParallel(inner)),
+    }[wrap]()
+    out = tmp_path / "wrapped.zarr"
+    cfg = RunConfig(limit=512, shard_size=256, holdout=None)
+    result = compute(cfg, out, model=wrapped, data_root=data_root, device="cpu")
+    names = ["conv1", "conv2", "conv3", "conv4", "l1"]
+    assert [s.name for s in result.solved] == names and result.model is inner
+    g = zarr.open_group(str(out), mode="r")
+    assert sorted(g["final"].array_keys()) == sorted(inner.state_dict())
+    assert np.array_equal(g["final/conv1.weight"][...], inner.conv1.weight.detach().numpy())
+    for loaded in (load_init(mj(), out), unwrap(load_init(nn.DataParallel(mj()), out))):
+        assert all(torch.equal(v, inner.state_dict()[k]) for k, v in loaded.state_dict().items())
+    # the wrapper shares the solved module: its own state has the new weights
+    assert torch.equal(wrapped.state_dict()[next(iter(wrapped.state_dict()))],
+                       inner.conv1.weight)  # fmt: skip
+    assert verify(out, model=wrapped, data_root=data_root, device="cpu").ok

@@ -141,3 +141,18 @@ def test_orthogonal_pre_init_is_orthonormal_and_seeded():
     orthogonal_([b], generator=torch.Generator().manual_seed(3))
     assert torch.equal(a.weight, b.weight)
     assert torch.allclose(a.weight @ a.weight.T, torch.eye(8), atol=1e-5)
+
+
+@pytest.mark.parametrize("scale_shape", [(), (8,)])
+def test_a_half_precision_output_is_mapped_in_float32_and_rounded_once(scale_shape):
+    gen = torch.Generator().manual_seed(0)
+    scale = (1 / 1.2345) * torch.ones(scale_shape, dtype=torch.float64)
+    shift = 0.3 * torch.ones(scale_shape, dtype=torch.float64)
+    y = torch.randn(16, 8, 5, 5, generator=gen).to(torch.bfloat16)
+    out_map = output_map(Solution(scale, shift), torch.device("cpu"), torch.bfloat16)
+    assert out_map.factor.dtype == torch.float32  # 1.2345 is 1.234375 in bfloat16
+    mapped = transform_output(y, out_map, 1)
+    view = (1, -1, 1, 1) if scale_shape else ()
+    exact = y.double() / scale.view(view) - shift.view(view) / scale.view(view)
+    assert mapped.dtype == torch.bfloat16
+    assert torch.equal(mapped, exact.float().to(torch.bfloat16))

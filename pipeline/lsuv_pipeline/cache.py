@@ -36,7 +36,7 @@ from torch import fx, nn
 from . import moments as mom
 from .attention import get_layer
 from .errors import first_line
-from .hooks import channel_dim, evaluating
+from .hooks import channel_dim, evaluating, in_model_dtype
 from .layers import LayerInfo
 from .solve import OutputMap, Solution, output_map, transform_output
 
@@ -173,7 +173,8 @@ class Segments:
         kept, sizes = [], []
         for env, x, n in items:
             if env is None:
-                env = {self.input: x.to(device, non_blocking=True), **self.fixed}
+                env = {self.input: in_model_dtype(x.to(device, non_blocking=True), self.module),
+                       **self.fixed}  # fmt: skip
             else:
                 env = {self.by_name[name]: t for name, t in env.items()}
                 if prev in env:  # layer k-1 was measured raw: its update applies now

@@ -24,7 +24,7 @@ from . import moments as mom
 from .config import RunConfig
 from .errors import StoreError, write_error
 from .layers import LayerInfo, Unsolved
-from .models import assign_state_
+from .models import assign_state_, unwrap
 from .page import write_report
 from .report import LayerStats, format_table, plot_stats, run_title, with_unsolved
 from .schema import Section
@@ -275,14 +275,16 @@ def load_init(
     model is changed; on any error the model is left as it was.
 
     Args:
-        model: The model to initialize (in place).
+        model: The model to initialize (in place); a ``DataParallel`` /
+            ``DistributedDataParallel`` or ``torch.compile`` wrapper loads into the module
+            it wraps, whose names the store has (see ``models.unwrap``).
         source: A run store path, or a shipped checkpoint's name (see :data:`SHIPPED`).
         strict: Require exactly the same parameter and buffer names (like
             :meth:`torch.nn.Module.load_state_dict`); else load the names both have.
         allow_off_target: Load a run whose verification found layers off target too.
 
     Returns:
-        ``model``.
+        ``model`` (the wrapper, when it is one).
 
     Raises:
         StoreError: Missing, damaged or incomplete store, one whose verification failed
@@ -306,8 +308,9 @@ def load_init(
         )
     store.check_consistency()
     state = store.read_state("final")
-    check_fits(model, state, repr(str(path)), strict)
-    return assign_state_(model, state)
+    check_fits(unwrap(model), state, repr(str(path)), strict)
+    assign_state_(unwrap(model), state)
+    return model
 
 
 def _final_state(source: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from .config import RunConfig
 from .data import DatasetSpec, Source, limited, open_source, source_from
 from .errors import ConfigError
 from .executors import Executor, InlineExecutor
-from .models import ModelSpec, build_model, describe_model
+from .models import ModelSpec, build_model, describe_model, unwrap
 
 __all__ = [
     "keeps_callers_rng",
@@ -128,6 +128,10 @@ def model_for(config: RunConfig, model: nn.Module | None, source: Source):
     """The run's model and its provenance: the caller's, or ``config.model`` built with
     ``config.seed`` for the data's channels and classes.
 
+    A caller's model wrapped in ``DataParallel`` / ``DistributedDataParallel`` or
+    ``torch.compile`` is unwrapped (``models.unwrap``): the run solves, names and stores the
+    inner module's layers, which the wrapper shares.
+
     Returns:
         ``(model, provenance)``: provenance is ``models.describe_model`` plus how the model
         was made (``"caller"``, or ``"built"`` with its name, kwargs and seed).
@@ -137,6 +141,7 @@ def model_for(config: RunConfig, model: nn.Module | None, source: Source):
         ConfigError: No model given and none named.
     """
     if model is not None:
+        model = unwrap(model)
         return model, {**describe_model(model), "source": "caller"}
     if config.model is None:
         raise ConfigError("no model: give RunConfig(model=...) or compute(..., model=...)")

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import moments as mom
 from .attention import get_layer
-from .batches import ForwardFn, MaskFn, call, token_mask
+from .batches import ForwardFn, MaskFn, call, map_leaves, token_mask
 from .solve import Solution, output_map, transform_output
 
 
@@ -37,6 +37,8 @@ __all__ = [
     "channel_dim",
     "evaluating",
     "first_tensor",
+    "in_model_dtype",
+    "model_dtype",
     "solved_outputs",
 ]
 
@@ -56,6 +58,22 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def in_model_dtype(batch, model: nn.Module):
+    """Return ``batch`` with its floating tensors in the dtype of ``model``'s first floating
+    parameter (a bfloat16 / float16 model runs on bfloat16 / float16 inputs); integer
+    tensors (token ids), and everything of a model without floating parameters, as they
+    are."""
+    dtype = model_dtype(model)
+    if dtype is None:
+        return batch
+    return map_leaves(lambda t: t.to(dtype) if t.is_floating_point() else t, batch)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating parameter (``None``: it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def first_tensor(value) -> torch.Tensor | None:
@@ -118,13 +136,13 @@ class Capture:
         self._calls: dict[str, int] = {}
 
     def forward(self, batch) -> None:
-        """Run the model on a batch (``batches.call``), ending early after the stop layer's
-        last call."""
+        """Run the model on a batch (``batches.call``; floating tensors in the model's
+        dtype), ending early after the stop layer's last call."""
         self._calls.clear()
         if self._mask_fn is not None:
             self.mask = token_mask(self._mask_fn, batch)
         with contextlib.suppress(StopForward):
-            call(self._model, batch, self._forward)
+            call(self._model, in_model_dtype(batch, self._model), self._forward)
 
     def kept(self, out: torch.Tensor, dim: int) -> torch.Tensor:
         """The positions of ``out`` the statistics count: those the token mask keeps, for a

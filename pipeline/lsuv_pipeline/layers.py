@@ -25,7 +25,7 @@ from . import batches as B
 from .attention import PROJECTIONS, Projection, attention_layers, functional_calls, get_layer
 from .batches import ForwardFn
 from .errors import ConfigError, ModelError
-from .hooks import evaluating, first_tensor
+from .hooks import evaluating, first_tensor, in_model_dtype
 from .solve import Mode, weight_form
 
 __all__ = [
@@ -146,7 +146,8 @@ def trace(model: nn.Module, example, forward: ForwardFn | None = None) -> list[L
         calls[module].append((first_tensor(inputs), out))
 
     # floating inputs carry a graph, so every activation can be tested for dependence
-    x = B.map_leaves(lambda t: t.detach().clone().requires_grad_(t.is_floating_point()), example)
+    x = B.map_leaves(lambda t: t.detach().clone().requires_grad_(t.is_floating_point()),
+                     in_model_dtype(example, model))  # fmt: skip
     handles = [m.register_forward_hook(hook) for m in targets]
     try:
         with evaluating(model), torch.enable_grad():

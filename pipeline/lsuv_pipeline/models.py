@@ -5,6 +5,9 @@
 - Any torchvision classification model by name (``resnet18``, ``vgg11_bn``,
   ``mobilenet_v3_small``, ``efficientnet_b0``, ...), untrained, built for the dataset's
   number of classes, with its first convolution rebuilt for the dataset's input channels.
+- ``timm:NAME``: any timm model by name (``timm:resnet50``, ``timm:vit_tiny_patch16_224``,
+  ...), untrained, built by ``timm.create_model`` for the dataset's input channels and
+  classes; timm is an optional extra (``pip install lsuv-pipeline[timm]``).
 - ``package.module:factory``: a callable of the user's, called with ``--model-kwargs``.
 
 Every model is built with its own default initialization drawn under a given seed, without
@@ -34,7 +37,9 @@ __all__ = [
     "describe_model",
     "mj",
     "resolve_factory",
+    "timm_factory",
     "torchvision_models",
+    "unwrap",
 ]
 
 
@@ -70,7 +75,7 @@ def mj(in_channels: int = 1, num_classes: int = 10) -> MJ:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """How to build a model: a name of :data:`MODELS` and keyword arguments."""
+    """How to build a model: a name (see :func:`resolve_factory`) and keyword arguments."""
 
     name: str = "mj"
     kwargs: dict = field(default_factory=dict)
@@ -85,6 +90,9 @@ class ModelSpec:
 
 #: Model name -> factory(in_channels, num_classes, **kwargs).
 MODELS: dict[str, Callable[..., nn.Module]] = {"mj": mj}
+
+#: Names that start with this are timm models (checked before ``package.module:factory``).
+TIMM_PREFIX = "timm:"
 
 
 def torchvision_models() -> list[str]:
@@ -133,6 +141,33 @@ def _torchvision(name: str) -> Callable[..., nn.Module]:
     return factory
 
 
+def timm_factory(name: str) -> Callable[..., nn.Module]:
+    """Resolve ``timm:NAME`` to a factory calling ``timm.create_model`` (untrained).
+
+    Raises:
+        ModelError: timm is not installed.
+        UnknownModel: No name after ``timm:``, or timm has no model of that name.
+    """
+    arch = name.removeprefix(TIMM_PREFIX)
+    if not arch:
+        raise UnknownModel(f"--model {name!r}: expected timm:NAME (e.g. timm:resnet50)")
+    try:
+        import timm  # optional: only ``timm:`` names need it
+    except ImportError:
+        raise ModelError(f"--model {name!r} needs timm: pip install timm") from None
+    if not timm.is_model(arch):
+        raise UnknownModel(
+            f"unknown timm model {arch!r} (--model {name!r}); timm.list_models() names them"
+        )
+
+    def factory(in_channels: int, num_classes: int, **kwargs) -> nn.Module:
+        return timm.create_model(
+            arch, pretrained=False, in_chans=in_channels, num_classes=num_classes, **kwargs
+        )
+
+    return factory
+
+
 def _user_factory(name: str) -> Callable[..., nn.Module]:
     """Resolve ``package.module:factory``; the factory gets only the user's kwargs."""
     module_name, _, attr = name.partition(":")
@@ -161,19 +196,24 @@ def _user_factory(name: str) -> Callable[..., nn.Module]:
 def resolve_factory(name: str) -> Callable[..., nn.Module]:
     """Return ``factory(in_channels, num_classes, **kwargs)`` for a model name.
 
+    ``timm:NAME`` is a timm model; any other name with a ``:`` is ``package.module:factory``.
+
     Raises:
-        ModelError: Unknown name, or a ``package.module:factory`` that cannot be imported.
+        ModelError: Unknown name, a ``timm:`` name without timm installed, or a
+            ``package.module:factory`` that cannot be imported.
     """
     if name in MODELS:
         return MODELS[name]
+    if name.startswith(TIMM_PREFIX):
+        return timm_factory(name)
     if ":" in name:
         return _user_factory(name)
     if name in torchvision_models():
         return _torchvision(name)
     raise UnknownModel(
         f"unknown model {name!r}; use mj, a torchvision classification model "
-        "(resnet18, vgg11_bn, mobilenet_v3_small, efficientnet_b0, ...) or "
-        "package.module:factory"
+        "(resnet18, vgg11_bn, mobilenet_v3_small, efficientnet_b0, ...), timm:NAME "
+        "(timm:resnet50, ...) or package.module:factory"
     )
 
 
@@ -239,6 +279,25 @@ def describe_model(model: nn.Module) -> dict:
         "structure": "sha256:" + structure.hexdigest(),
         "initial": "sha256:" + initial.hexdigest(),
     }
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Return the module inside ``DataParallel`` / ``DistributedDataParallel`` (``.module``)
+    and ``torch.compile`` (``._orig_mod``) wrappers, taken off one by one.
+
+    A wrapper prefixes every parameter name (``module.conv1.weight``,
+    ``_orig_mod.conv1.weight``); its inner module has the plain names, and shares its
+    tensors with the wrapper, so whatever is written into one is in the other.
+    """
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):  # torch._dynamo's class, named rather than imported (importing dynamo is slow)
+            model = model._orig_mod
+        else:
+            return model
 
 
 def assign_state_(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -29,7 +29,7 @@ from .attention import get_layer
 from .batches import ForwardFn, MaskFn
 from .cache import Segments, Uncacheable, parse_size
 from .checkpoint import check_fits, load_init, run_stats
-from .config import RunConfig
+from .config import RunConfig, with_default_tol
 from .context import (
     keeps_callers_rng,
     model_for,
@@ -41,6 +41,7 @@ from .context import (
 from .data import Source, resolve_root
 from .errors import ConfigError, Interrupted, OffTarget, ReadOnlyStore, StoreError
 from .executors import Executor
+from .hooks import model_dtype
 from .layers import LayerPlan, plan_layers, trace
 from .lock import LOCK_NAME, writer_lock
 from .lsuv import LayerLoop, Setup, off_target
@@ -237,6 +238,7 @@ def _prepare(o: dict) -> tuple[_Run, contextlib.AbstractContextManager]:
     for option, fn in (("forward_fn", forward), ("mask_fn", mask)):
         if fn is not None:
             provenance = {**provenance, option: B.callable_name(fn)}
+    config = with_default_tol(config, model_dtype(model))  # recorded as used, not as None
     held = holdout.fingerprint if holdout is not None else None
     run = _Run(
         config=config,

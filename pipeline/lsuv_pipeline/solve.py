@@ -76,6 +76,9 @@ __all__ = [
 
 Mode = Literal["tensor", "channel"]
 MODES: tuple[str, ...] = ("tensor", "channel")
+#: Half-precision dtypes: their models are judged at a wider default tolerance, and output
+#: maps on them run in float32 (see :func:`output_map`).
+HALF: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -102,9 +105,17 @@ class OutputMap:
 
 
 def output_map(solution: Solution, device: torch.device, dtype: torch.dtype) -> OutputMap:
-    """Return the :class:`OutputMap` of ``solution`` for outputs on ``device`` in ``dtype``."""
+    """Return the :class:`OutputMap` of ``solution`` for outputs on ``device`` in ``dtype``.
+
+    For half-precision outputs the map is kept in float32 (:func:`transform_output` rounds
+    its result to the output's dtype): a bfloat16 ``factor`` would be off by up to 2^-9,
+    the same for every value, so every later layer would be solved against outputs whose
+    std is off by that much while the final weights are not.
+    """
     factor = 1.0 / solution.scale.to(torch.float64)
     offset = -solution.shift.to(torch.float64) * factor
+    if dtype in HALF:
+        dtype = torch.float32
     return OutputMap(factor.to(device=device, dtype=dtype), offset.to(device=device, dtype=dtype))
 
 
@@ -266,6 +277,8 @@ def transform_output(y: torch.Tensor, out_map: OutputMap, channel_dim: int) -> t
         factor = factor.view(view)
     if offset.ndim:
         offset = offset.view(view)
+    if y.dtype != factor.dtype:  # a half-precision y: the map in float32, rounded once
+        return torch.addcmul(offset, y.to(factor.dtype), factor).to(y.dtype)
     return torch.addcmul(offset, y, factor)
 
 

@@ -11,12 +11,12 @@ from torch import nn
 
 from . import moments as mom
 from .checkpoint import load_init, open_run
-from .config import RunConfig
+from .config import DEFAULT_TOL, RunConfig
 from .context import keeps_callers_rng, model_for, open_split, resolve_device
 from .data import resolve_root
 from .errors import ConfigError, ModelError
 from .executors import Executor, InlineExecutor
-from .models import describe_model
+from .models import describe_model, unwrap
 from .passes import PassContext, run_pass
 from .progress import Progress, as_progress
 from .report import LayerStats, format_table
@@ -76,6 +76,7 @@ def _model(run, model: nn.Module | None, data) -> nn.Module:
             "a model of the same architecture"
         )
     if model is not None:
+        model = unwrap(model)  # a DataParallel / torch.compile wrapper: the run's plain names
         structure = describe_model(model)["structure"]
         if recorded.get("structure") not in (None, structure):
             raise ModelError(
@@ -106,7 +107,7 @@ def verify(
     source: str | Path,
     *,
     split: str = "train",
-    tol: float = 1e-4,
+    tol: float | None = None,
     holdout_tol: float | None = None,
     model: nn.Module | None = None,
     data=None,
@@ -124,7 +125,8 @@ def verify(
     Args:
         source: A run store path or a shipped checkpoint's name.
         split: The split to measure (``"train"``, ``"test"``).
-        tol: Tolerance on |mean| and |std - target| per layer, on the split the run solved.
+        tol: Tolerance on |mean| and |std - target| per layer, on the split the run solved
+            (default: the run's own, ``RunConfig.tol``, wider for a half-precision model).
         holdout_tol: The tolerance for any other split (held out); ``None``: measure and
             report it, judge nothing. A held-out split is near the target, not at it: by
             how much it differs from the solved one.
@@ -148,7 +150,10 @@ def verify(
     config = run.config
     if data is None:
         _check_measurable(run, split)
-    tol = tol if split == config.split else holdout_tol
+    if split != config.split:
+        tol = holdout_tol
+    elif tol is None:  # the run's own (a store's config always records one)
+        tol = config.tol or DEFAULT_TOL
     dev = resolve_device(device)
     root = resolve_root(data_root) if data is None else Path(".")
     data = open_split(config, split, root=root, download=download, data=data, collate=collate,

@@ -37,8 +37,8 @@ __all__ = ["compute"]
     "--model",
     default="mj",
     show_default=True,
-    help="mj, a torchvision classification model (resnet18, vgg11_bn, ...), or "
-    "package.module:factory.",
+    help="mj, a torchvision classification model (resnet18, vgg11_bn, ...), a timm model "
+    "(timm:resnet50, ...; pip install timm), or package.module:factory.",
 )
 @click.option(
     "--model-kwargs",
@@ -82,9 +82,9 @@ __all__ = ["compute"]
 @click.option(
     "--tol",
     type=float,
-    default=1e-4,
-    show_default=True,
-    help="Tolerance on |mean| and |std - target| for layers solved iteratively.",
+    default=None,
+    help="Tolerance on |mean| and |std - target| for layers solved iteratively, and the one "
+    "verification judges by [default: 1e-4; 1e-2 for a bfloat16 model, 1e-3 for float16].",
 )
 @click.option(
     "--max-iter",

@@ -65,9 +65,8 @@ def show(run: str, plot: str | None, report: str | None, as_json: bool, quiet: b
 @click.option(
     "--tol",
     type=click.FloatRange(min=0, min_open=True),
-    default=1e-4,
-    show_default=True,
-    help="Largest |mean| and |std - target| accepted per layer on the split the run solved.",
+    help="Largest |mean| and |std - target| accepted per layer on the split the run solved "
+    "[default: the run's own tolerance].",
 )
 @click.option(
     "--holdout-tol",
@@ -83,14 +82,14 @@ def show(run: str, plot: str | None, report: str | None, as_json: bool, quiet: b
 )
 @JSON
 @QUIET
-def verify(run: str, split: str, tol: float, holdout_tol: float | None, data_root,
+def verify(run: str, split: str, tol: float | None, holdout_tol: float | None, data_root,
            device: str, as_json: bool, quiet: bool) -> None:  # fmt: skip
     """Check every array of a run, and measure every layer's output mean/std over a split
     with the run's final weights.
 
-    On the split the run solved, each layer must be within --tol (exit 3 if not). Another
-    split (held out) is reported, not judged, unless --holdout-tol is given: its layers
-    are near the target, not at it, by how much the split differs.
+    On the split the run solved, each layer must be within --tol, by default the run's own
+    (exit 3 if not). Another split (held out) is reported, not judged, unless --holdout-tol
+    is given: its layers are near the target, not at it, by how much the split differs.
     """
     set_output(click.get_current_context(), quiet=quiet, as_json=as_json)
     result = run_verify(run, split=split, tol=tol, holdout_tol=holdout_tol,
