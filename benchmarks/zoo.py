@@ -371,7 +371,7 @@ def reason_label(reason: str) -> str:
     return re.sub(r"'[^']*'", "…", label)
 
 
-def _left(model: nn.Module, total: Sequence[str], solved: set[str], rows) -> dict[str, list]:
+def _left(total: Sequence[str], solved: set[str], rows) -> dict[str, list[str]]:
     """The weight modules not solved, grouped by the run's reason; a module the run does
     not name itself takes the reason of the nearest ancestor it names (an attention's
     output projection), else ``not named by the run``."""
@@ -380,8 +380,8 @@ def _left(model: nn.Module, total: Sequence[str], solved: set[str], rows) -> dic
     for name in total:
         if name in solved:
             continue
-        parts = name.split(".")
-        ancestors = (".".join(parts[:i]) for i in range(len(parts), -1, -1))
+        parts = name.split(".")  # the model itself ("") names only its own weights
+        ancestors = [".".join(parts[:i]) for i in range(len(parts), 0, -1)] if name else [""]
         why = next((named[a] for a in ancestors if a in named), "not named by the run")
         groups.setdefault(why, []).append(name or "(model)")
     return groups
@@ -434,7 +434,7 @@ def _measure(entry, root, samples, out: Path, batch_size, record: Record) -> Non
     record.solve_seconds, record.passes = result.seconds, result.passes
     solved = result.solved
     record.solved = len(solved)
-    record.left = _left(model, total, {s.name for s in solved}, result.layers)
+    record.left = _left(total, {s.name for s in solved}, result.layers)
     check = float64_check(result.model, x, [s.name for s in solved], batch_size)
     for s in solved:
         mean, std = check[s.name]
