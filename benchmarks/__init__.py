@@ -5,4 +5,8 @@ writes ``RESULTS.md``, ``results.json`` and PNG plots (see ``run.py``). Each sec
 module with ``measure(settings) -> dict`` and ``render(results, out) -> str``; the inits
 compared live in ``baselines.py``, the child process that times and sizes one solve in
 ``probe.py``.
+
+``python benchmarks/zoo.py [--quick] [--write]`` is separate: it solves every torchvision
+classifier (up to 150M parameters), a few timm models and two small transformers, checks
+each in float64 and writes ``zoo.md`` and ``zoo.json`` (see ``zoo.py``).
 """
