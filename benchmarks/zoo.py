@@ -50,7 +50,9 @@ from collections.abc import Callable, Sequence  # noqa: E402
 import click  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from benchmarks.common import load_average, log, table  # noqa: E402
 from lsuv_pipeline import OffTarget, RunConfig, compute, mj  # noqa: E402
@@ -334,25 +336,46 @@ def float64_check(model: nn.Module, x: torch.Tensor, layers: Sequence[str],
     """Each layer's output mean and std over all its output elements and all samples, from a
     float64 copy of ``model`` in eval mode: ``{name: (mean, std)}``.
 
-    The sum and the sum of squares are accumulated in float64; with outputs near mean 0 and
-    std 1 the variance ``E[y^2] - E[y]^2`` loses nothing to cancellation.
+    Written apart from the tool's own hooks: a conv's output from a forward hook; a
+    Linear's from every ``F.linear`` call with its weight (a ``TorchFunctionMode`` here,
+    so Linears applied functionally count too); an attention module's query / key / value
+    projections recomputed from its inputs and its ``out_proj`` from its output, with
+    PyTorch's fused attention paths off. The sum and the sum of squares are accumulated in
+    float64; with outputs near mean 0 and std 1 ``E[y^2] - E[y]^2`` loses nothing.
     """
     twin = copy.deepcopy(model).double().eval()
     sums = {name: torch.zeros(3, dtype=torch.float64) for name in layers}
 
-    def hook(name):
-        def record(module, args, output):
-            y = first_tensor(output).detach().double()
-            sums[name] += torch.stack([y.sum(), y.square().sum(), torch.tensor(y.numel())])
+    def add(name, y):
+        y = y.detach().double()
+        sums[name] += torch.stack([y.sum(), y.square().sum(), torch.tensor(y.numel())])
 
-        return record
-
-    handles = [twin.get_submodule(n).register_forward_hook(hook(n)) for n in layers]
+    handles, linears = [], {}
+    for name in layers:
+        parent, _, leaf = name.rpartition(".")
+        owner = twin.get_submodule(parent) if parent else twin
+        if isinstance(owner, nn.MultiheadAttention) and leaf in ("q_proj", "k_proj", "v_proj"):
+            handles.append(owner.register_forward_pre_hook(
+                _projection_hook(owner, leaf, name, add), with_kwargs=True))  # fmt: skip
+            continue
+        if isinstance(owner, nn.MultiheadAttention) and leaf == "out_proj":
+            handles.append(owner.register_forward_hook(
+                lambda m, a, out, name=name: add(name, out[0])))  # fmt: skip
+            continue
+        module = twin.get_submodule(name)
+        if isinstance(module, nn.Linear):
+            linears[id(module.weight)] = name
+        else:
+            handles.append(module.register_forward_hook(
+                lambda m, a, out, name=name: add(name, first_tensor(out))))  # fmt: skip
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _LinearOutputs(linears, add):
             for batch in x.split(batch_size):
                 twin(batch.double() if batch.is_floating_point() else batch)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
         for h in handles:
             h.remove()
     out = {}
@@ -365,10 +388,56 @@ def float64_check(model: nn.Module, x: torch.Tensor, layers: Sequence[str],
     return out
 
 
+def _projection_hook(mha: nn.MultiheadAttention, leaf: str, name: str, add):
+    """A pre-hook computing one projection of ``mha`` from the inputs it is called with."""
+    i = ("q_proj", "k_proj", "v_proj").index(leaf)
+    arg = ("query", "key", "value")[i]
+
+    def hook(module, args, kwargs):
+        inp = args[i] if len(args) > i else kwargs[arg]
+        e = mha.embed_dim
+        if mha._qkv_same_embed_dim:
+            w = mha.in_proj_weight[i * e : (i + 1) * e]
+        else:
+            w = getattr(mha, f"{leaf}_weight")
+        b = None if mha.in_proj_bias is None else mha.in_proj_bias[i * e : (i + 1) * e]
+        add(name, F.linear(inp, w, b))
+
+    return hook
+
+
+class _LinearOutputs(TorchFunctionMode):
+    """Records the output of every ``F.linear`` call whose weight is one of ``linears``."""
+
+    def __init__(self, linears: dict[int, str], add) -> None:
+        super().__init__()
+        self.linears, self.add = linears, add
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.linear:
+            weight = args[1] if len(args) > 1 else (kwargs or {}).get("weight")
+            name = self.linears.get(id(weight))
+            if name is not None:
+                self.add(name, out)
+        return out
+
+
 def reason_label(reason: str) -> str:
     """A short label for a run's reason: its first clause, names of layers elided."""
     label = re.split(r"[:(;]", reason, maxsplit=1)[0].strip().rstrip(",")
     return re.sub(r"'[^']*'", "…", label)
+
+
+def _module_of(name: str, model: nn.Module) -> str:
+    """The module that holds a solved layer's weight: the layer itself, or for an attention
+    projection (``<attention>.q_proj``) the attention module."""
+    parent, _, leaf = name.rpartition(".")
+    if leaf in ("q_proj", "k_proj", "v_proj"):
+        owner = model.get_submodule(parent) if parent else model
+        if isinstance(owner, nn.MultiheadAttention):
+            return parent
+    return name
 
 
 def _left(total: Sequence[str], solved: set[str], rows) -> dict[str, list[str]]:
@@ -433,8 +502,9 @@ def _measure(entry, root, samples, out: Path, batch_size, record: Record) -> Non
     record.notes = notes.lines
     record.solve_seconds, record.passes = result.seconds, result.passes
     solved = result.solved
-    record.solved = len(solved)
-    record.left = _left(total, {s.name for s in solved}, result.layers)
+    modules = {_module_of(s.name, model) for s in solved}  # a projection: its attention
+    record.solved = len(modules & set(total))
+    record.left = _left(total, modules, result.layers)
     check = float64_check(result.model, x, [s.name for s in solved], batch_size)
     for s in solved:
         mean, std = check[s.name]
