@@ -56,10 +56,10 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from benchmarks.common import load_average, log, table  # noqa: E402
 from lsuv_pipeline import OffTarget, RunConfig, compute, mj  # noqa: E402
+from lsuv_pipeline.coverage import NORMS  # noqa: E402
 from lsuv_pipeline.data import DatasetSpec, open_source  # noqa: E402
 from lsuv_pipeline.errors import ModelError, first_line  # noqa: E402
 from lsuv_pipeline.hooks import first_tensor  # noqa: E402
-from lsuv_pipeline.layers import NORMS  # noqa: E402
 from lsuv_pipeline.models import ModelSpec, build_model  # noqa: E402
 from lsuv_pipeline.progress import Progress  # noqa: E402
 
