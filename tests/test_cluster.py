@@ -8,8 +8,10 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 import zarr
 from click.testing import CliRunner
+from torch import nn
 
 from lsuv_pipeline import RunConfig, compute
 from lsuv_pipeline.cli import cli
@@ -221,3 +223,30 @@ def test_a_run_cut_by_a_lost_scheduler_resumes_to_the_same_bytes(tmp_path, data_
     assert proc.returncode == 0, proc.stderr
     assert "(resumed)" in proc.stderr
     assert_same_bytes(out, inline)
+
+
+class _Attending(nn.Module):
+    """A conv stem and one attention block: caller's model, caller's data, on workers."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 4, stride=4)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head(self.attn(t, t, t, need_weights=False)[0].mean(1))
+
+
+def test_a_callers_model_and_data_give_the_inline_weights_on_workers(tmp_path):
+    x = torch.randn(192, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    cfg = RunConfig(dataset="noise", shard_size=64, batch_size=32)
+    weights = []
+    for name, workers in (("inline", None), ("dask", 1)):
+        torch.manual_seed(0)
+        result = compute(cfg, tmp_path / f"{name}.zarr", model=_Attending(), device="cpu",
+                         data=torch.utils.data.TensorDataset(x), workers=workers)  # fmt: skip
+        assert "attn.q_proj" in [s.name for s in result.solved]
+        weights.append(result.model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

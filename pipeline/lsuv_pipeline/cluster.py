@@ -202,16 +202,20 @@ class DaskExecutor(Executor):
         state_future = self._weights(model)
         state_key = state_future.key
         origin = self._origin(source)
+        # a user's own source travels as a future: dask resolves it as a task argument only
+        shipped = [] if isinstance(origin, DatasetSpec) else [origin]
         for shard in shards:
             owner = self._owner.get(shard.index) if plan.cache is not None else None
             task = ShardTask(
-                self._run, model_future.key, state_key, origin, shard, plan, device.type
-            )
+                self._run, model_future.key, state_key, None if shipped else origin, shard, plan,
+                device.type,
+            )  # fmt: skip
             future = self.client.submit(
                 run_shard,
                 model_future,
                 state_future,
                 task,
+                *shipped,
                 key=f"lsuv-shard-{shard.index}-{uuid.uuid4().hex}",
                 pure=False,
                 # the worker holding the shard's cut, if any; a lost worker's shards

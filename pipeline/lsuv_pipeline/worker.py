@@ -173,14 +173,19 @@ class ShardTask:
     run: str
     model_key: str
     state_key: str
-    origin: DatasetSpec | Source
+    origin: DatasetSpec | None
     shard: Shard
     plan: PassPlan
     device_type: str
 
 
-def run_shard(boxed: Boxed, state: dict[str, torch.Tensor], task: ShardTask):
+def run_shard(
+    boxed: Boxed, state: dict[str, torch.Tensor], task: ShardTask, source: Source | None = None
+):
     """One (pass, shard) task on a worker: load this pass's weights once, measure the shard.
+
+    The shard is read from ``task.origin`` (a dataset the worker opens) or from ``source``
+    (a user's own data, shipped once as a future that dask resolves into this argument).
 
     Returns:
         ``(moments, address, fingerprint)``: the shard's moments, this worker's address
@@ -192,13 +197,14 @@ def run_shard(boxed: Boxed, state: dict[str, torch.Tensor], task: ShardTask):
     numerics = fingerprint(device)
     model = mine.model(boxed, task.model_key, state, task.state_key, device)
     plan, shard = task.plan, task.shard
+    origin = source if source is not None else task.origin
     if plan.cache is None:
-        batches = mine.batches(task.origin, shard, plan.batch_size)
+        batches = mine.batches(origin, shard, plan.batch_size)
         moments: ShardMoments = measure_shard(model, iter(batches), plan, device=device)
     else:
         moments = mine.runner(plan, device).measure(
             model,
-            lambda: mine.source(task.origin)[1].batches(shard, plan.batch_size),
+            lambda: mine.source(origin)[1].batches(shard, plan.batch_size),
             shard,
             plan,
             device,
