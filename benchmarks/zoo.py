@@ -298,20 +298,13 @@ def _input(entry: Entry, root: Path, samples: int) -> tuple[nn.Module, torch.Ten
         model = entry.build(1, 0)
         _forward(model, x[:2])
         return model, x, f"{x.shape[1]} tokens"
-    try:
-        model, channels = entry.build(1, SIZES[0]), 1
-    except ModelError as exc:  # a stem that cannot be rebuilt for one channel
-        if "stem" not in str(exc):
-            raise
-        model, channels = entry.build(3, SIZES[0]), 3
-    error = None
+    model, channels, error = None, 1, None
     for size in SIZES:
-        if entry.sized and size != SIZES[0]:
-            model = entry.build(channels, size)
-        x = images(root, 2, size, channels)
         try:
-            _forward(model, x)
-        except Exception as exc:
+            if model is None or entry.sized:  # a ViT is built for its input size
+                model, channels = _build(entry, size)
+            _forward(model, images(root, 2, size, channels))
+        except Exception as exc:  # too small for this model: try the next size
             error = exc
             continue
         return model, images(root, samples, size, channels), f"{channels}x{size}x{size}"
@@ -319,6 +312,16 @@ def _input(entry: Entry, root: Path, samples: int) -> tuple[nn.Module, torch.Ten
         f"no input size of {SIZES[0]}..{SIZES[-1]} works: {type(error).__name__}: "
         f"{first_line(error)}"
     )
+
+
+def _build(entry: Entry, size: int) -> tuple[nn.Module, int]:
+    """The model for one input channel, or for three when its stem cannot be rebuilt."""
+    try:
+        return entry.build(1, size), 1
+    except ModelError as exc:
+        if "stem" not in str(exc):
+            raise
+        return entry.build(3, size), 3
 
 
 def _forward(model: nn.Module, x: torch.Tensor) -> None:
