@@ -2,6 +2,8 @@
 
 from lsuv_pipeline import RunConfig, compute
 result = compute(RunConfig(dataset="mnist"), "run.zarr")
+
+model = lsuv_pipeline.lsuv_(model, train_loader)  # in a training script
 """
 
 from .checkpoint import Run, export, load_init, open_run
@@ -18,6 +20,7 @@ from .errors import (
     ReadOnlyStore,
     StoreError,
 )
+from .inplace import lsuv_
 from .models import MJ, mj
 from .run import RunResult, compute
 from .verify import Verification, verify
@@ -41,6 +44,7 @@ __all__ = [
     "compute",
     "export",
     "load_init",
+    "lsuv_",
     "mj",
     "open_run",
     "verify",

@@ -126,6 +126,22 @@ def _as_batch(value, what: str, whole: bool):
         raise ConfigError(str(exc)) from None
 
 
+#: Data that reads differently each time cannot be solved on: every pass must see the
+#: same samples.
+_CHANGED = (
+    "{what} gave other values for its first samples than when it was opened: the data "
+    "changes between passes (a random augmentation in its transform, or an iterable that "
+    "yields something else each time), and LSUV needs the same samples in every pass; "
+    "pass the data without augmentation (e.g. the test-time transform)"
+)
+
+
+def _digest(batch) -> str:
+    h = hashlib.sha256()
+    B.hash_into(h, batch)
+    return h.hexdigest()
+
+
 def _spot_indices(n: int) -> list[int]:
     """At most :data:`SPOT_CHECK` indices evenly spaced over ``range(n)``, first and last in."""
     if n <= SPOT_CHECK:
@@ -145,7 +161,9 @@ class _DatasetSource(Source):
         self.count = len(data)
         if self.count == 0:
             raise DataError(f"dataset {name!r} ({_type_name(data)}) has no samples")
-        self.sample_shape = B.sample_shape(self._collated(0, 1))
+        first = self._collated(0, 1)
+        self.sample_shape = B.sample_shape(first)
+        self._first = _digest(first)
         classes = getattr(data, "classes", None)
         self.num_classes = len(classes) if isinstance(classes, (list, tuple)) else None
         self.transform = {
@@ -175,6 +193,10 @@ class _DatasetSource(Source):
         if start >= stop:
             return B.empty_like(self.sample_shape)
         x = self._collated(start, stop)
+        if start == 0 and _digest(B.take(x, 0, 1)) != self._first:
+            raise DataError(
+                _CHANGED.format(what=f"dataset {self.name!r} ({_type_name(self.data)})")
+            )
         if B.size(x) != stop - start or B.sample_shape(x) != self.sample_shape:
             raise DataError(
                 f"dataset {self.name!r} items {start}..{stop - 1} collate to {B.size(x)} "
@@ -228,10 +250,11 @@ class _BatchesSource(Source):
             )
         if not isinstance(data, Iterable) and not hasattr(data, "__getitem__"):
             raise ConfigError(f"{_type_name(data)} is neither a Dataset nor iterable")
-        if isinstance(data, DataLoader) and _shuffles(data):
+        if isinstance(data, DataLoader) and shuffles(data):
             raise ConfigError(
                 "the DataLoader shuffles (a random sampler), so every pass would read another "
-                "order; build it with shuffle=False"
+                "order; build it with shuffle=False, or call lsuv_pipeline.lsuv_, which reads "
+                "a shuffling loader in a fixed order"
             )
         self.data = data
         self.collate = collate
@@ -254,6 +277,8 @@ class _BatchesSource(Source):
                     f"batch 0 has {first_shape}"
                 )
             sizes.append(B.size(x))
+            if i == 0:
+                self._first = _digest(x)
             if i in spot:
                 h.update(f"{i}:".encode())
                 B.hash_into(h, B.take(x, 0, 1))
@@ -309,9 +334,13 @@ class _BatchesSource(Source):
                 self.iterations += 1
             try:
                 while self._pos < index:
-                    next(self._it)
+                    raw = next(self._it)
+                    if self._pos == 0:  # each iteration's first batch: is it the same?
+                        self._same_first(self._tensor(raw, 0))
                     self._pos += 1
                 x = self._tensor(next(self._it), index)
+                if index == 0:
+                    self._same_first(x)
             except StopIteration:
                 raise DataError(
                     f"{self.name!r} yielded fewer batches than the {len(self._offsets) - 1} it "
@@ -326,6 +355,10 @@ class _BatchesSource(Source):
                 )
             self._last = (index, x)
             return x
+
+    def _same_first(self, x) -> None:
+        if _digest(x) != self._first:
+            raise DataError(_CHANGED.format(what=f"{self.name!r} ({_type_name(self.data)})"))
 
     def batch(self, start: int, stop: int):
         stop = min(stop, self.count)
@@ -364,7 +397,7 @@ class _BatchesSource(Source):
         return ranges
 
 
-def _shuffles(loader) -> bool:
+def shuffles(loader) -> bool:
     """Whether a ``DataLoader`` draws its order at random."""
     random = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
     samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]

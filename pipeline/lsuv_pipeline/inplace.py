@@ -1,0 +1,138 @@
+"""LSUV from a training script: one call, in memory, on the loader the script already has.
+
+::
+
+    model = lsuv_pipeline.lsuv_(model, train_loader)   # then train as usual
+
+:func:`lsuv_` is :func:`~lsuv_pipeline.compute` with the defaults of a training script: the
+store lives in a temporary folder removed on return (nothing is written unless ``store=``
+is given), there are no verification passes unless asked, progress bars show when stderr
+is a terminal or a notebook, and a shuffling ``DataLoader`` is read in a fixed order
+(:func:`fixed_order`): its dataset, through its own ``collate_fn``, batch size and
+workers, never in its sampler's random order, so the result does not depend on the
+shuffle and neither the loader's generator nor the global RNG moves.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from .batches import ForwardFn, MaskFn
+from .config import RunConfig
+from .context import keeps_callers_rng
+from .data.user import shuffles
+from .errors import ConfigError
+from .progress import Progress
+from .run import compute
+from .solve import Mode
+
+__all__ = ["fixed_order", "lsuv_"]
+
+
+@keeps_callers_rng
+def lsuv_(
+    model: nn.Module,
+    data,
+    *,
+    forward_fn: ForwardFn | None = None,
+    mask_fn: MaskFn | None = None,
+    collate=None,
+    mode: Mode = "tensor",
+    target_std: float = 1.0,
+    tol: float | None = None,
+    device: str | torch.device | None = None,
+    store: str | Path | None = None,
+    verify: bool = False,
+    progress: Progress | bool | str = "auto",
+    name: str = "data",
+) -> nn.Module:
+    """Initialize ``model`` in place with exact LSUV over all of ``data``; return it.
+
+    Every conv / linear layer and attention projection, first to last, gets output mean 0
+    and std ``target_std`` over the whole of ``data`` (one pass per layer), exactly as
+    :func:`~lsuv_pipeline.compute` solves it; layers it cannot solve are named in a note.
+
+    Args:
+        model: The model; its weights are changed in place.
+        data: A ``DataLoader`` (shuffling or not: see :func:`fixed_order`), a map-style
+            ``Dataset`` or a re-iterable collection of batches (``data.source_from``).
+        forward_fn, mask_fn, collate: As for ``compute`` (``batches.py``).
+        mode: ``"tensor"`` (one scale per layer, the paper's) or ``"channel"``.
+        target_std: The output std to reach.
+        tol: The tolerance ``verify`` judges by (default: by the model's dtype).
+        device: Where to run (default: where the model's parameters are).
+        store: A run store to write, resume and reuse (up to date: no pass at all);
+            default none: a temporary one, removed on return.
+        verify: Measure every layer again with the final weights; an off-target layer
+            then raises :class:`~lsuv_pipeline.OffTarget`.
+        progress: ``"auto"``: bars when stderr is a terminal or a notebook; ``True``,
+            ``False``, or a :class:`~lsuv_pipeline.progress.Progress`.
+        name: The data's name in the store and in messages.
+
+    Returns:
+        ``model``, initialized.
+
+    Raises:
+        LsuvError: Bad data or model, a layer that cannot be solved, data that changes
+            between passes (random augmentation), or an off-target layer with ``verify``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"lsuv_ takes a torch.nn.Module, got {type(model).__name__}")
+    config = RunConfig(dataset=name, mode=mode, target_std=target_std, tol=tol, verify=verify,
+                       holdout=None)  # fmt: skip
+    options = dict(model=model, data=fixed_order(data), collate=collate, forward_fn=forward_fn,
+                   mask_fn=mask_fn, device=device if device is not None else _device_of(model),
+                   progress=_progress(progress))  # fmt: skip
+    if store is not None:
+        compute(config, store, **options)
+        return model
+    with tempfile.TemporaryDirectory(prefix="lsuv-") as tmp:
+        compute(config, Path(tmp) / "run.zarr", **options)
+    return model
+
+
+def fixed_order(data):
+    """``data`` as a loader that reads it in a fixed order.
+
+    A ``DataLoader`` whose sampler shuffles is replaced by one over the same dataset, in
+    index order, with its ``collate_fn``, batch size, workers and worker init, and a
+    generator of its own (the loader's and the global one are not used). Anything else is
+    returned as it is.
+    """
+    if not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
+        return data
+    if not shuffles(data):
+        return data
+    if data.batch_size is None:
+        raise ConfigError(
+            "the DataLoader shuffles through a batch_sampler of its own; pass its dataset "
+            "(with collate=) or a DataLoader with batch_size= instead"
+        )
+    return DataLoader(
+        data.dataset,
+        batch_size=data.batch_size,
+        shuffle=False,
+        collate_fn=data.collate_fn,
+        num_workers=data.num_workers,
+        worker_init_fn=data.worker_init_fn,
+        multiprocessing_context=data.multiprocessing_context if data.num_workers else None,
+        persistent_workers=data.persistent_workers,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _progress(progress: Progress | bool | str) -> Progress | bool:
+    if progress != "auto":
+        return progress
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
