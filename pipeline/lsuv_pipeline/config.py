@@ -39,7 +39,11 @@ class RunConfig:
             ...; see ``data``), JSON values.
         split: Split the solve runs on.
         holdout: Split measured after the solve (``None``: none).
-        limit: Use only the first ``limit`` samples of each split.
+        limit: Use only the first ``limit`` samples of each split, in dataset order.
+        sample: Solve on ``sample`` samples of the solve split drawn uniformly without
+            replacement under ``sample_seed`` (``data.sampled``); the held-out split stays
+            whole. ``None``: all of it.
+        sample_seed: The seed of that draw.
         model: Model name (see ``models.MODELS``); ``None`` in a store whose model was
             given by the caller (the tool built none).
         model_kwargs: Keyword arguments for the model factory.
@@ -79,6 +83,8 @@ class RunConfig:
     batch_size: int = 256
     shard_size: int = 4096
     verify: bool = True
+    sample: int | None = None
+    sample_seed: int = 0
 
     def __post_init__(self) -> None:
         # JSON brings lists back; keep the patterns as tuples so configs compare equal
@@ -109,11 +115,19 @@ class RunConfig:
             raise ConfigError(f"--seed must be an integer, got {self.seed!r}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {self.limit}")
+        for name in ("sample", "sample_seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
+        if self.sample is not None and self.sample < 1:
+            raise ConfigError(f"--sample must be at least 1, got {self.sample}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
         d["dataset_options"] = json.loads(json.dumps(dict(self.dataset_options)))
+        if self.sample is None:  # configs recorded before samples existed stay the same
+            del d["sample"], d["sample_seed"]
         return d
 
     @classmethod

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import RunConfig
-from .data import DatasetSpec, Source, limited, open_source, source_from
+from .data import DatasetSpec, Source, limited, open_source, sampled, source_from
 from .errors import ConfigError
 from .executors import Executor, InlineExecutor
 from .models import ModelSpec, build_model, describe_model, unwrap
@@ -73,11 +73,12 @@ def open_split(
 
     ``data`` is a user's own data (see :func:`~lsuv_pipeline.data.source_from`), labelled
     ``config.dataset``, its batches kept ``whole`` for a ``forward_fn``; ``config.limit``
-    applies to both.
+    applies to both, ``config.sample`` to the solve split only.
     """
+    sample = config.sample if split == config.split else None  # held-out: whole
     if data is not None:
         source = source_from(data, name=config.dataset, split=split, collate=collate, whole=whole)
-        return limited(source, config.limit)
+        return sampled(limited(source, config.limit), sample, config.sample_seed)
     spec = DatasetSpec(
         name=config.dataset,
         split=split,
@@ -85,6 +86,8 @@ def open_split(
         limit=config.limit,
         download=download,
         options=config.dataset_options,
+        sample=sample,
+        sample_seed=config.sample_seed if sample is not None else 0,
     )
     return open_source(spec)
 

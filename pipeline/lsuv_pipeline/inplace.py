@@ -43,6 +43,8 @@ def lsuv_(
     forward_fn: ForwardFn | None = None,
     mask_fn: MaskFn | None = None,
     collate=None,
+    samples: int | None = None,
+    sample_seed: int = 0,
     mode: Mode = "tensor",
     target_std: float = 1.0,
     tol: float | None = None,
@@ -63,6 +65,9 @@ def lsuv_(
         data: A ``DataLoader`` (shuffling or not: see :func:`fixed_order`), a map-style
             ``Dataset`` or a re-iterable collection of batches (``data.source_from``).
         forward_fn, mask_fn, collate: As for ``compute`` (``batches.py``).
+        samples: Solve over this many items of ``data`` drawn uniformly without
+            replacement under ``sample_seed`` (default: all of it).
+        sample_seed: The seed of that draw.
         mode: ``"tensor"`` (one scale per layer, the paper's) or ``"channel"``.
         target_std: The output std to reach.
         tol: The tolerance ``verify`` judges by (default: by the model's dtype).
@@ -85,7 +90,7 @@ def lsuv_(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"lsuv_ takes a torch.nn.Module, got {type(model).__name__}")
     config = RunConfig(dataset=name, mode=mode, target_std=target_std, tol=tol, verify=verify,
-                       holdout=None)  # fmt: skip
+                       holdout=None, sample=samples, sample_seed=sample_seed)  # fmt: skip
     options = dict(model=model, data=fixed_order(data), collate=collate, forward_fn=forward_fn,
                    mask_fn=mask_fn, device=device if device is not None else _device_of(model),
                    progress=_progress(progress))  # fmt: skip

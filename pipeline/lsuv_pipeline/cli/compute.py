@@ -69,7 +69,22 @@ __all__ = ["compute"]
     help="Split measured after the solve; 'none' for none.",
 )
 @click.option(
-    "--limit", type=click.IntRange(min=1), help="Use only the first N samples of each split."
+    "--limit",
+    type=click.IntRange(min=1),
+    help="Use only the first N samples of each split, in dataset order.",
+)
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    help="Solve on N samples of the solve split drawn at random without replacement "
+    "(the held-out split stays whole).",
+)
+@click.option(
+    "--sample-seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the --sample draw (recorded in the store).",
 )
 @click.option(
     "--mode",
@@ -186,6 +201,8 @@ def compute(**opts) -> None:
         split=opts["split"],
         holdout=holdout,
         limit=opts["limit"],
+        sample=opts["sample"],
+        sample_seed=opts["sample_seed"],
         model=opts["model"],
         model_kwargs=model_kwargs,
         include=opts["include"],

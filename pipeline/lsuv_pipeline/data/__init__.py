@@ -36,6 +36,7 @@ from .base import (
     batches,
     limited,
     resolve_root,
+    sampled,
     shards,
 )
 from .folder import IMAGEFOLDER, load_imagefolder
@@ -54,6 +55,7 @@ __all__ = [
     "limited",
     "open_source",
     "resolve_root",
+    "sampled",
     "shards",
     "source_from",
 ]
@@ -114,6 +116,6 @@ def open_source(spec: DatasetSpec) -> Source:
     if source.count == 0:
         raise DataError(f"dataset {spec.name!r} split {spec.split!r} has no samples")
     extra = source.reopen_options()
-    source = limited(source, spec.limit)
+    source = sampled(limited(source, spec.limit), spec.sample, spec.sample_seed)
     source.spec = replace(spec, options={**spec.options, **extra}) if extra else spec
     return source

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .. import batches as B
 from ..errors import ConfigError, DataError
 
 DEFAULT_ROOT = "data"
@@ -57,6 +58,9 @@ class DatasetSpec:
         split: ``"train"`` or ``"test"`` (image folders also take ``"val"``).
         root: Folder holding the dataset in torchvision's layout.
         limit: Use only the first ``limit`` samples of the split, in dataset order.
+        sample: Then use ``sample`` samples drawn uniformly without replacement
+            (:func:`sampled`), under ``sample_seed``.
+        sample_seed: The seed of that draw.
         download: Fetch the files when they are missing.
         options: The dataset's own settings, JSON values (e.g. ``{"resize": 128}`` for an
             image folder); stored read-only, with lists as tuples, so the spec stays hashable.
@@ -68,6 +72,8 @@ class DatasetSpec:
     limit: int | None = None
     download: bool = True
     options: Mapping = field(default_factory=dict)
+    sample: int | None = None
+    sample_seed: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.options, Mapping):
@@ -81,7 +87,10 @@ class DatasetSpec:
         object.__setattr__(self, "options", _freeze(plain))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.sample is None:  # specs recorded before samples existed stay the same
+            del d["sample"], d["sample_seed"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> DatasetSpec:
@@ -342,6 +351,62 @@ def _limited_fingerprint(inner: Source, count: int) -> str:
         return _fingerprint(inner.images[:count], inner.transform)
     h = hashlib.sha256(f"{inner.fingerprint}[:{count}]".encode())
     return "sha256:" + h.hexdigest()
+
+
+# -- samples -------------------------------------------------------------------------
+
+
+def sampled(source: Source, n: int | None, seed: int = 0) -> Source:
+    """Return ``n`` samples of ``source`` drawn uniformly without replacement (``None``: all).
+
+    The draw is ``torch.randperm`` under its own generator seeded with ``seed``, fixed
+    before sharding and read in dataset order; the view has a fingerprint of its own (the
+    source's, the count and the seed). Unlike :func:`limited` (the first ``n``), a sample
+    of a class-sorted split holds every class in proportion.
+
+    Raises:
+        ConfigError: ``n`` below 1.
+    """
+    if n is None:
+        return source
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"--sample must be a positive integer, got {n!r}")
+    if n >= source.count:
+        return source
+    view = _Sampled(source, n, seed)
+    if source.spec is not None:
+        view.spec = replace(source.spec, sample=n, sample_seed=seed)
+    return view
+
+
+class _Sampled(Source):
+    """``n`` samples of another source drawn under ``seed``, in dataset order."""
+
+    def __init__(self, inner: Source, n: int, seed: int) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.split = inner.split
+        self.count = n
+        self.sample_shape = inner.sample_shape
+        self.num_classes = inner.num_classes
+        self.transform = {**inner.transform, "sample": {"count": n, "seed": seed,
+                                                        "of": inner.count}}  # fmt: skip
+        drawn = torch.randperm(inner.count, generator=torch.Generator().manual_seed(seed))
+        self.indices = drawn[:n].sort().values
+        h = hashlib.sha256(f"{inner.fingerprint}:sample {n} seed {seed}".encode())
+        self.fingerprint = "sha256:" + h.hexdigest()
+
+    def batch(self, start: int, stop: int):
+        picked = self.indices[start : min(stop, self.count)].tolist()
+        if not picked:
+            return self.inner.batch(0, 0)
+        runs: list[list[int]] = []  # consecutive indices are read as one range
+        for i in picked:
+            if runs and runs[-1][1] == i:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1])
+        return B.cat([self.inner.batch(a, b) for a, b in runs])
 
 
 # -- shards --------------------------------------------------------------------------
