@@ -95,7 +95,8 @@ def test_up_to_date_rerun_does_no_pass_and_a_change_is_refused(tmp_path, data_ro
         first.model.state_dict().items(), again.model.state_dict().values(), strict=True
     ):
         assert a.equal(b), k  # the returned model carries the stored init
-    with pytest.raises(StoreError, match=r"--mode: 'tensor' -> 'channel'.*--overwrite"):
+    refused = r"--mode: 'tensor' -> 'channel'.*--overwrite \(overwrite=True from Python\)"
+    with pytest.raises(StoreError, match=refused):
         compute(RunConfig(limit=2400, shard_size=400, batch_size=200, mode="channel"), out,
                 data_root=data_root, device="cpu")  # fmt: skip
     with pytest.raises(StoreError, match=r"dataset fingerprint: sha256:\w+ -> sha256:\w+"):

@@ -269,6 +269,10 @@ def _prepare(o: dict) -> tuple[_Run, contextlib.AbstractContextManager]:
     )
 
 
+#: How to replace a store, said to both kinds of caller.
+_OVERWRITE = "--overwrite (overwrite=True from Python)"
+
+
 def _existing(run: _Run) -> RunStore | None:
     """Open the run store at ``run.out`` to resume it or find it up to date; ``None`` when
     it held another run (or was damaged) and ``overwrite`` cleared it."""
@@ -278,14 +282,14 @@ def _existing(run: _Run) -> RunStore | None:
         raise
     except StoreError as exc:
         if not run.overwrite:
-            raise StoreError(f"{exc}; pass --overwrite to replace it") from None
+            raise StoreError(f"{exc}; pass {_OVERWRITE} to replace it") from None
         RunStore.wipe(run.out, keep=(LOCK_NAME,))
         return None
     differ = differences(stored_identity(store.attrs), run.identity)
     if differ and not run.overwrite:
         raise StoreError(
             f"{str(run.out)!r} holds a run of another configuration or dataset "
-            f"({'; '.join(differ)}); pass --overwrite to replace it, or choose another --out"
+            f"({'; '.join(differ)}); pass {_OVERWRITE} to replace it, or choose another store"
         )
     if differ:
         RunStore.wipe(run.out, keep=(LOCK_NAME,))
@@ -355,7 +359,7 @@ def _start(run: _Run, store: RunStore | None, plan: LayerPlan, numerics: dict) -
     if stored != [i.name for i in plan.layers]:
         raise StoreError(
             f"{str(run.out)!r} was started for layers {stored}, this model has "
-            f"{[i.name for i in plan.layers]}; pass --overwrite to start again"
+            f"{[i.name for i in plan.layers]}; pass {_OVERWRITE} to start again"
         )
     initial = store.read_state("initial")
     check_fits(model, initial, repr(str(run.out)), strict=True)
