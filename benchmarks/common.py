@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -283,7 +284,7 @@ def run_probe(spec: dict, threads: int) -> dict:
 # -- machine and markdown -----------------------------------------------------------------
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -299,36 +300,42 @@ def _git(*args: str) -> str:
     return out.stdout.strip()
 
 
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
+def version(dist: str) -> str:
+    """The installed version of a distribution, or ``"not installed"``."""
     try:
-        return version(dist)
-    except PackageNotFoundError:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
         return "not installed"
 
 
 def machine(settings: Settings) -> dict:
     """What the numbers were measured on."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    commit = _git("rev-parse", "--short", "HEAD")
     # the report's own files (rewritten by every run) do not make the measured code dirty
-    outputs = [f":(exclude)benchmarks/{p}" for p in ("RESULTS.md", "results.json", "*.png")]
-    if _git("status", "--porcelain", "--untracked-files=no", "--", ".", *outputs):
-        commit += " (with uncommitted changes)"
+    commit = code_commit(["RESULTS.md", "results.json", "*.png"])
     return {
         "date (UTC)": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "commit": commit,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores available": cores,
         "torch threads per process": settings.threads,
         "torch": torch.__version__,
         "cpu capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "lsuv (PyPI)": _version("lsuv"),
+        "lsuv (PyPI)": version("lsuv"),
         "load average at start (1, 5, 15 min)": load_average(),
     }
+
+
+def code_commit(outputs: Sequence[str]) -> str:
+    """The short commit of the checkout, marked when files other than ``outputs`` (patterns
+    under ``benchmarks/``, a report's own files) have uncommitted changes."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    excluded = [f":(exclude)benchmarks/{p}" for p in outputs]
+    if _git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded):
+        commit += " (with uncommitted changes)"
+    return commit
 
 
 def load_average() -> str:

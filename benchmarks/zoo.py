@@ -54,7 +54,7 @@ from torch.nn import functional as F  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
-from benchmarks.common import load_average, log, table  # noqa: E402
+from benchmarks.common import code_commit, cpu_model, load_average, log, table, version  # noqa: E402
 from lsuv_pipeline import OffTarget, RunConfig, compute, mj  # noqa: E402
 from lsuv_pipeline.coverage import NORMS  # noqa: E402
 from lsuv_pipeline.data import DatasetSpec, open_source  # noqa: E402
@@ -666,21 +666,15 @@ def render(raw: dict) -> str:
 
 
 def _machine() -> dict:
-    from benchmarks.common import _cpu_model, _git, _version
-
-    commit = _git("rev-parse", "--short", "HEAD")
-    if _git(
-        "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/zoo.*"
-    ):
-        commit += " (with uncommitted changes)"
+    """What the zoo ran on and with."""
     return {
         "date (UTC)": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "commit": commit,
-        "cpu": _cpu_model(),
+        "commit": code_commit(["zoo.*"]),
+        "cpu": cpu_model(),
         "torch threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "torchvision": _version("torchvision"),
-        "timm": _version("timm"),
+        "torchvision": version("torchvision"),
+        "timm": version("timm"),
     }
 
 
