@@ -184,3 +184,24 @@ def test_integer_images_into_a_conv_say_what_to_do(tmp_path):
     with pytest.raises(ModelError, match=r"torch.uint8 tensors, passed as they are: images"):
         compute(RunConfig(dataset="raw"), tmp_path / "u.zarr", model=WithOptions(),
                 data=TensorDataset(images), device="cpu")  # fmt: skip
+
+
+class Pooled(nn.Module):
+    """Halves the sequence before its second Linear: the token mask no longer fits there."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 8)
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 4)
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.a(self.embed(input_ids))
+        return self.b(x[:, ::2])
+
+
+def test_a_mask_that_does_not_fit_a_layers_output_is_an_error_naming_the_layer(tmp_path):
+    data = Padded(_ids(64, seed=5))
+    with pytest.raises(ConfigError, match=r"layer 'b'.*\(16, 6, 4\).*mask.*\(16, 12\)"):
+        compute(RunConfig(**CFG), tmp_path / "p.zarr", model=Pooled(), data=data,
+                mask_fn=lambda b: b["attention_mask"], device="cpu")  # fmt: skip

@@ -19,6 +19,7 @@ from torch import nn
 from . import moments as mom
 from .attention import get_layer
 from .batches import ForwardFn, MaskFn, call, map_leaves, token_mask
+from .errors import ConfigError
 from .solve import Solution, output_map, transform_output
 
 
@@ -144,13 +145,29 @@ class Capture:
         with contextlib.suppress(StopForward):
             call(self._model, in_model_dtype(batch, self._model), self._forward)
 
-    def kept(self, out: torch.Tensor, dim: int) -> torch.Tensor:
-        """The positions of ``out`` the statistics count: those the token mask keeps, for a
-        ``(N, L, C)`` output of a batch whose mask is ``(N, L)``; else all of them."""
+    def kept(self, name: str, out: torch.Tensor, dim: int) -> torch.Tensor:
+        """The positions of ``out`` the statistics count: with a token mask ``(N, L)``, those
+        it keeps of a Linear's ``(N, L, C)`` output (or sequence-first ``(L, N, C)``); all
+        of them for any other output (a conv's, a ``(N, C)`` head's).
+
+        Raises:
+            ConfigError: A Linear's output has more than two leading dims that fit neither
+                layout: the mask cannot be applied, and counting the padding is not what
+                the caller asked for.
+        """
         m = self.mask
-        if m is None or dim != -1 or out.ndim < 3 or tuple(out.shape[:2]) != tuple(m.shape):
+        if m is None or dim != -1 or out.ndim < 3:
             return out
-        return out[m]
+        lead = tuple(out.shape[:2])
+        if lead == tuple(m.shape):
+            return out[m]
+        if lead == tuple(m.shape[::-1]):
+            return out.transpose(0, 1)[m]
+        raise ConfigError(
+            f"layer {name!r} outputs {tuple(out.shape)}, which the mask_fn's "
+            f"{tuple(m.shape)} mask does not fit ((N, L, C) or (L, N, C)): its padding "
+            "cannot be left out; leave the layer out with --exclude or give no mask_fn"
+        )
 
     def _call(self, name: str) -> int:
         """Count a call of ``name`` in this forward; return its index."""
@@ -208,7 +225,7 @@ def capture(
                 return
             call = cap._call(name)
             if measure:
-                cap._add(name, call, mom.from_batch(cap.kept(out, dim), dim))
+                cap._add(name, call, mom.from_batch(cap.kept(name, out, dim), dim))
             if stop and call + 1 >= cap._stop_calls:
                 raise StopForward
 
