@@ -129,9 +129,9 @@ def cat(batches: Sequence):
     return pytree.tree_unflatten(joined, spec)
 
 
-def empty_like(shape, dtypes=None):
+def empty_like(shape):
     """An empty batch whose samples have ``shape`` (from :func:`sample_shape`)."""
-    if isinstance(shape, tuple) and all(isinstance(d, int) for d in shape):
+    if _is_shape(shape):
         return torch.empty((0, *shape))
     return pytree.tree_map(lambda s: torch.empty((0, *s)), shape, is_leaf=_is_shape)
 

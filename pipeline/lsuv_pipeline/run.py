@@ -372,11 +372,11 @@ def _start(run: _Run, store: RunStore | None, plan: LayerPlan, numerics: dict) -
     return store
 
 
-def _cache_token(run: _Run, plan: LayerPlan) -> str | None:
+def _cache_token(run: _Run, plan: LayerPlan, example) -> str | None:
     """A token for the run's activation cache, or ``None`` (said once) when it is off."""
     if not run.cache:
         return None
-    if run.forward or run.mask or not isinstance(run.train.batch(0, 1), torch.Tensor):
+    if run.forward or run.mask or not isinstance(example, torch.Tensor):
         run.progress.note(
             "activation cache off: the batches are not one tensor given to the model "
             "(forward_fn, mask_fn or dict batches); each pass runs from the input"
@@ -416,7 +416,7 @@ def _solve(run: _Run, store: RunStore | None, ctx: PassContext) -> RunResult:
         ctx,
         run.train,
         run.allow_tf32,
-        _cache_token(run, plan),
+        _cache_token(run, plan, example),
         run.cache_budget,
         run.forward,
         run.mask,
