@@ -11,6 +11,10 @@ is a terminal or a notebook, and a shuffling ``DataLoader`` is read in a fixed o
 (:func:`fixed_order`): its dataset, through its own ``collate_fn``, batch size and
 workers, never in its sampler's random order, so the result does not depend on the
 shuffle and neither the loader's generator nor the global RNG moves.
+
+In a ``torch.distributed`` job, call it on every rank with the same data: the ranks split
+the shards among themselves and every rank gets the same weights (``ranks.py``). A
+loader's ``DistributedSampler`` is read in full: the tool, not the sampler, splits.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from .batches import ForwardFn, MaskFn
 from .config import RunConfig
@@ -53,6 +57,7 @@ def lsuv_(
     verify: bool = False,
     progress: Progress | bool | str = "auto",
     name: str = "data",
+    distributed: bool | None = None,
 ) -> nn.Module:
     """Initialize ``model`` in place with exact LSUV over all of ``data``; return it.
 
@@ -79,6 +84,10 @@ def lsuv_(
         progress: ``"auto"``: bars when stderr is a terminal or a notebook; ``True``,
             ``False``, or a :class:`~lsuv_pipeline.progress.Progress`.
         name: The data's name in the store and in messages.
+        distributed: In an initialized ``torch.distributed`` group of several ranks, call
+            ``lsuv_`` on every rank: they split the work and all get the same weights;
+            only rank 0 writes ``store``. ``None``: so whenever such a group exists;
+            ``False``: this process alone (e.g. one rank initializing, then broadcasting).
 
     Returns:
         ``model``, initialized.
@@ -93,7 +102,7 @@ def lsuv_(
                        holdout=None, sample=samples, sample_seed=sample_seed)  # fmt: skip
     options = dict(model=model, data=fixed_order(data), collate=collate, forward_fn=forward_fn,
                    mask_fn=mask_fn, device=device if device is not None else _device_of(model),
-                   progress=_progress(progress))  # fmt: skip
+                   progress=_progress(progress), distributed=distributed)  # fmt: skip
     if store is not None:
         compute(config, store, **options)
         return model
@@ -105,14 +114,15 @@ def lsuv_(
 def fixed_order(data):
     """``data`` as a loader that reads it in a fixed order.
 
-    A ``DataLoader`` whose sampler shuffles is replaced by one over the same dataset, in
-    index order, with its ``collate_fn``, batch size, workers and worker init, and a
-    generator of its own (the loader's and the global one are not used). Anything else is
-    returned as it is.
+    A ``DataLoader`` whose sampler shuffles, or reads one rank's part (a
+    ``DistributedSampler``), is replaced by one over the whole dataset, in index order,
+    with its ``collate_fn``, batch size, workers and worker init, and a generator of its
+    own (the loader's and the global one are not used). Anything else is returned as it
+    is.
     """
     if not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
         return data
-    if not shuffles(data):
+    if not shuffles(data) and not _one_ranks_part(data):
         return data
     if data.batch_size is None:
         raise ConfigError(
@@ -130,6 +140,11 @@ def fixed_order(data):
         persistent_workers=data.persistent_workers,
         generator=torch.Generator().manual_seed(0),
     )
+
+
+def _one_ranks_part(loader: DataLoader) -> bool:
+    samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
+    return any(isinstance(s, DistributedSampler) for s in samplers)
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from .models import assign_state_
 from .numerics import check_resume, numerics_key, with_mixed
 from .passes import PassContext, stop_on_sigint
 from .progress import Progress, as_progress
+from .ranks import RankExecutor, Ranks, agree, current, pack, raise_from, unpack
 from .report import LayerStats, format_table, with_unsolved
 from .schema import differences, identity, root_attrs, stored_identity
 from .solve import orthogonal_, refresh_weight_norm_
@@ -122,6 +124,7 @@ class _Run:
     allow_mixed: bool
     forward: ForwardFn | None = None
     mask: MaskFn | None = None
+    ranks: Ranks | None = None
 
 
 @keeps_callers_rng
@@ -149,6 +152,7 @@ def compute(
     progress: Progress | bool = False,
     overwrite: bool = False,
     allow_mixed_hardware: bool = False,
+    distributed: bool | None = None,
 ) -> RunResult:
     """Compute the full-dataset LSUV init of a model and write it to a run store.
 
@@ -179,7 +183,11 @@ def compute(
         progress: ``True`` for progress bars on stderr, or a :class:`Progress`.
         overwrite: Replace a store of another config, data or model, or a damaged one.
         allow_mixed_hardware: Let passes run with another numerics fingerprint than the
-            run's (other dask workers, a resume elsewhere); recorded in the store.
+            run's (other dask workers or ranks, a resume elsewhere); recorded in the store.
+        distributed: In an initialized ``torch.distributed`` group of several ranks, call
+            this on every rank: the ranks split the shards and all end with the same
+            weights; only rank 0 writes ``out`` (``ranks.py``). ``None``: so whenever such
+            a group exists; ``False``: this process alone.
 
     Raises:
         LsuvError: Bad configuration, data, model or store, or a layer that cannot be solved.
@@ -187,11 +195,26 @@ def compute(
         Interrupted: Ctrl-C; the store keeps everything finished so far.
     """
     run, executors = _prepare(dict(locals()))
-    return _locked(run, executors)
+    if run.ranks is not None and not run.ranks.main:
+        return _follow(run, executors)
+    told = [run.ranks is None]  # whether the other ranks know how the run starts
+
+    def tell(store: RunStore | None) -> None:
+        if not told[0]:
+            run.ranks.broadcast((None, pack(store and store.path, skip=(LOCK_NAME,))))
+            told[0] = True
+
+    try:
+        return _locked(run, executors, tell)
+    except Exception as exc:
+        if not told[0]:  # the other ranks wait to hear: they stop with the same error
+            run.ranks.broadcast(((type(exc).__name__, str(exc)), None))
+        raise
 
 
-def _locked(run: _Run, executors) -> RunResult:
-    """Hold the store's lock, open the executor, then resume, solve or find it up to date."""
+def _locked(run: _Run, executors, tell) -> RunResult:
+    """Hold the store's lock, open the executor, then resume, solve or find it up to date;
+    ``tell(store)`` shares what the store holds with the other ranks of a group."""
     exists = RunStore.check_out(run.out)
     try:
         with writer_lock(run.out) as stale, stop_on_sigint() as stop, executors as ex:
@@ -202,6 +225,7 @@ def _locked(run: _Run, executors) -> RunResult:
                     f"took over the lock of a writer that is gone (pid {stale.get('pid')})"
                 )
             store = _existing(run) if exists else None
+            tell(store)
             if store is not None and store.attrs.get("status") == "complete":
                 return _up_to_date(store, run)
             ctx = PassContext(ex, run.model, run.device, run.config.shard_size, run.progress, stop)
@@ -213,14 +237,43 @@ def _locked(run: _Run, executors) -> RunResult:
             store = RunStore.open(run.out)
             same = not differences(stored_identity(store.attrs), run.identity)
             if same and store.attrs.get("status") == "complete":
+                tell(store)
                 return _up_to_date(store, run)
         raise
+
+
+def _follow(run: _Run, executors) -> RunResult:
+    """A rank other than 0: the same run from a copy of rank 0's store, in a temporary
+    folder removed on return; the result names rank 0's store."""
+    failure, held = run.ranks.broadcast()
+    if failure is not None:
+        raise_from(0, failure)
+    with tempfile.TemporaryDirectory(prefix="lsuv-rank-") as tmp:
+        out = Path(tmp) / "run.zarr"
+        if held is not None:
+            unpack(held, out)
+        local = dataclasses.replace(run, out=out)
+        try:
+            with stop_on_sigint() as stop, executors as ex:
+                store = RunStore.open(out, write=True) if held is not None else None
+                if store is not None and store.attrs.get("status") == "complete":
+                    result = _up_to_date(store, local)
+                else:
+                    ctx = PassContext(ex, run.model, run.device, run.config.shard_size,
+                                      run.progress, stop)  # fmt: skip
+                    result = _solve(local, store, ctx)
+        except OffTarget as exc:
+            exc.result.path = run.out
+            raise
+    result.path = run.out
+    return result
 
 
 def _prepare(o: dict) -> tuple[_Run, contextlib.AbstractContextManager]:
     """Turn :func:`compute`'s options into the run's live objects and its executor (to be
     entered), refusing bad ones before anything is written."""
     dev = resolve_device(o["device"])
+    ranks = current(o["distributed"])
     try:
         budget = parse_size(o["cache_memory"])
     except ValueError as exc:
@@ -240,15 +293,21 @@ def _prepare(o: dict) -> tuple[_Run, contextlib.AbstractContextManager]:
             provenance = {**provenance, option: B.callable_name(fn)}
     config = with_default_tol(config, model_dtype(model))  # recorded as used, not as None
     held = holdout.fingerprint if holdout is not None else None
+    ident = identity(config, train.fingerprint, held, provenance)
+    progress = as_progress(o["progress"])
+    if ranks is not None:
+        ident = _same_on_every_rank(ranks, ident, model, progress)
+        if not ranks.main:
+            progress = Progress()  # rank 0 shows it
     run = _Run(
         config=config,
         out=Path(o["out"]),
         model=model,
         train=train,
         holdout=holdout,
-        identity=identity(config, train.fingerprint, held, provenance),
+        identity=ident,
         device=dev,
-        progress=as_progress(o["progress"]),
+        progress=progress,
         allow_tf32=o["allow_tf32"],
         cache=o["cache"],
         cache_budget=budget,
@@ -256,9 +315,19 @@ def _prepare(o: dict) -> tuple[_Run, contextlib.AbstractContextManager]:
         allow_mixed=o["allow_mixed_hardware"],
         forward=forward,
         mask=mask,
+        ranks=ranks,
     )
     if o["executor"] is not None:  # a caller's own: used as it is, left open
         return run, contextlib.nullcontext(o["executor"])
+    if ranks is not None:
+        if any(o[k] is not None for k in ("workers", "scheduler", "scheduler_file")):
+            raise ConfigError(
+                f"--workers / --scheduler / --scheduler-file in a torch.distributed group of "
+                f"{ranks.world} ranks: the ranks already split the shards; use one or the "
+                "other (distributed=False runs this process alone)"
+            )
+        executor = RankExecutor(ranks, config.shard_size, allow_mixed=o["allow_mixed_hardware"])
+        return run, contextlib.nullcontext(executor)
     return run, open_executor(
         workers=o["workers"],
         scheduler=o["scheduler"],
@@ -267,6 +336,23 @@ def _prepare(o: dict) -> tuple[_Run, contextlib.AbstractContextManager]:
         timeout=o["scheduler_timeout"],
         allow_mixed=o["allow_mixed_hardware"],
     )
+
+
+def _same_on_every_rank(ranks: Ranks, ident: dict, model: nn.Module, progress: Progress) -> dict:
+    """Check that every rank runs the same config, data and model; give every rank rank
+    0's initial weights when they differ (as DDP does). Returns rank 0's identity."""
+    first, differ = agree(ranks, ident, differences)
+    if differ:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        state = ranks.broadcast(state if ranks.main else None)
+        if ranks.main:
+            progress.warn(
+                f"note: the model's initial weights differ on rank(s) "
+                f"{', '.join(map(str, differ))}; every rank starts from rank 0's"
+            )
+        else:
+            assign_state_(model, state)
+    return first
 
 
 #: How to replace a store, said to both kinds of caller.

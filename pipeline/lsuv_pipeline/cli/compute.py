@@ -8,7 +8,8 @@ import click
 
 from ..config import RunConfig
 from ..data import DATASETS
-from ..progress import TqdmProgress
+from ..progress import Progress, TqdmProgress
+from ..ranks import launched
 from ..run import compute as run_compute
 from ..solve import MODES
 from .common import DATA_ROOT, JSON, QUIET, print_result, set_output
@@ -190,7 +191,8 @@ def compute(**opts) -> None:
     """Compute the LSUV init over a whole dataset and write it to a Zarr run store.
 
     Rerunning the same command resumes an interrupted run, or does nothing if the store is
-    complete and up to date.
+    complete and up to date. Under torchrun (torchrun --nproc-per-node N -m lsuv_pipeline
+    compute ...) the ranks split the shards and rank 0 writes the store.
     """
     set_output(click.get_current_context(), quiet=opts["quiet"], as_json=opts["as_json"])
     holdout = None if opts["holdout"].lower() == "none" else opts["holdout"]
@@ -218,24 +220,29 @@ def compute(**opts) -> None:
         verify=opts["verify"],
     )
     out = opts["out"] or f"data/runs/{config.dataset}-{config.model}-{config.mode}.zarr"
-    result = run_compute(
-        config,
-        out,
-        data_root=opts["data_root"],
-        download=opts["download"],
-        device=opts["device"],
-        workers=opts["workers"],
-        scheduler=opts["scheduler"],
-        scheduler_file=opts["scheduler_file"],
-        scheduler_timeout=opts["scheduler_timeout"],
-        allow_tf32=opts["allow_tf32"],
-        allow_mixed_hardware=opts["allow_mixed_hardware"],
-        cache=opts["cache"],
-        cache_memory=opts["cache_memory"],
-        progress=TqdmProgress(bars=not opts["quiet"], notes=not opts["quiet"]),
-        overwrite=opts["overwrite"],
-    )
-    print_result(click.get_current_context(), result)
+    with launched(opts["device"]) as ranks:  # under torchrun: every rank a share
+        main = ranks is None or ranks.main
+        result = run_compute(
+            config,
+            out,
+            data_root=opts["data_root"],
+            download=opts["download"],
+            device=opts["device"],
+            workers=opts["workers"],
+            scheduler=opts["scheduler"],
+            scheduler_file=opts["scheduler_file"],
+            scheduler_timeout=opts["scheduler_timeout"],
+            allow_tf32=opts["allow_tf32"],
+            allow_mixed_hardware=opts["allow_mixed_hardware"],
+            cache=opts["cache"],
+            cache_memory=opts["cache_memory"],
+            progress=TqdmProgress(bars=not opts["quiet"], notes=not opts["quiet"])
+            if main
+            else Progress(),
+            overwrite=opts["overwrite"],
+        )
+        if main:  # the other ranks computed the same; rank 0 wrote and reports it
+            print_result(click.get_current_context(), result)
 
 
 def _json_object(text: str, option: str) -> dict:
