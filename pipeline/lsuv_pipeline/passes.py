@@ -9,10 +9,11 @@
     merge every layer's per-shard moments IN SHARD ORDER     the same bits on any executor
 
 Like dask's chunk / combine / aggregate split, the executors compute per-shard partials and
-this module alone combines them, in a fixed order. The solve (``lsuv.py``) and ``verify``
-both run their passes here; verify without a record (it writes nothing). Ctrl-C stops a
-pass after the batch in flight (:func:`stop_on_sigint`); the record keeps every finished
-shard, so the same command resumes.
+this module alone combines them, in a fixed order (:func:`run_shards` hands back the shards
+unmerged for a caller that needs each, as the running estimate does: ``running.py``). The
+solve (``lsuv.py``) and ``verify`` both run their passes here; verify without a record (it
+writes nothing). Ctrl-C stops a pass after the batch in flight (:func:`stop_on_sigint`); the
+record keeps every finished shard, so the same command resumes.
 """
 
 from __future__ import annotations
