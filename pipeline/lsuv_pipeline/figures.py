@@ -387,6 +387,7 @@ def running_figure(
         title: Figure title.
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig = Figure(figsize=(10.0, 4.4), layout="constrained")
     ax_mean, ax_std = fig.subplots(1, 2, sharex=True, sharey=True)
@@ -405,6 +406,8 @@ def running_figure(
             ax.axhline(eps, color="0.3", ls=("--", ":")[j % 2], lw=1.0, label=f"{eps:g}")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minors overlap
         ax.set_xlabel("samples seen (shards in order)")
         ax.set_title(f"{what} / std (after LSUV: in target_std)", loc="left", fontsize=9)
         ax.grid(alpha=0.3, which="both")
