@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,7 +27,16 @@ from .errors import StoreError, write_error
 from .layers import LayerInfo, Unsolved
 from .models import assign_state_, unwrap
 from .page import write_report
-from .report import LayerStats, format_table, plot_stats, run_title, with_unsolved
+from .report import (
+    LayerStats,
+    format_running,
+    format_table,
+    plot_running,
+    plot_stats,
+    run_title,
+    with_unsolved,
+)
+from .running import EPSILONS, Running, samples_within
 from .schema import Section
 from .store import RunStore
 
@@ -129,6 +139,55 @@ class Run:
                 break
             out.append(mom.merge_all(calls))
         return out
+
+    def running(self) -> dict[str, Running | None]:
+        """Each target layer's running estimate after every shard (``running.Running``),
+        in forward order; ``None`` for a layer without one (not solved yet, or solved by a
+        version that did not record them)."""
+        return {info.name: self._store.read_running(info.name) for info in self.layers}
+
+    def samples_needed(
+        self, epsilons: Sequence[float] = EPSILONS
+    ) -> dict[str, dict[float, int | None]]:
+        """Per layer with a running estimate, the samples after which it stayed within each
+        ``eps`` of the full split's (``running.samples_within``; ``None``: only the whole
+        split is).
+
+        Raises:
+            StoreError: No layer has a running estimate (a store written before they were
+                recorded).
+        """
+        curves = self._recorded()
+        return {n: {eps: samples_within(c, eps) for eps in epsilons} for n, c in curves.items()}
+
+    def _recorded(self) -> dict[str, Running]:
+        curves = {n: c for n, c in self.running().items() if c is not None}
+        if not curves:
+            raise StoreError(
+                f"{str(self.path)!r} has no running estimates (its layers were solved by a "
+                "version that did not record them); recompute it with --overwrite for them"
+            )
+        return curves
+
+    def running_table(self, epsilons: Sequence[float] = EPSILONS) -> str:
+        """Per layer, the samples its running estimate needed (``report.format_running``).
+
+        Raises:
+            StoreError: No layer has a running estimate.
+        """
+        self._recorded()
+        return format_running(self.running(), epsilons=epsilons)
+
+    def plot_running(self, path: str | os.PathLike, epsilons: Sequence[float] = EPSILONS) -> Path:
+        """Draw each layer's running-estimate deviation by samples seen; return the path.
+
+        Raises:
+            StoreError: No layer has a running estimate, or the folder of ``path`` does
+                not exist.
+            ConfigError: An extension other than ``.png``, ``.svg``, ``.pdf``.
+        """
+        curves = self._recorded()
+        return plot_running(curves, path, epsilons=epsilons, title=run_title(self.attrs))
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Draw per-layer std, mean and residuals before and after LSUV; return the path.

@@ -1,4 +1,4 @@
-"""Figures of per-layer statistics and of iterated layers' convergence.
+"""Figures of per-layer statistics, of iterated layers' convergence, and of running estimates.
 
 Drawn on :class:`matplotlib.figure.Figure` with the Agg canvas, never through pyplot, so a
 caller's backend, open figures and settings are left as they were. Matplotlib is imported
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import moments as mom
+from .running import Running
 from .solve import Mode, Residual, residual
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ __all__ = [
     "convergence_figure",
     "pooled",
     "render",
+    "running_figure",
     "stats_figure",
     "zero_floor",
 ]
@@ -367,6 +369,52 @@ def convergence_figure(
     _legend(ax)
     if title:
         ax.set_title(title, loc="left", fontsize=10)
+    return fig
+
+
+def running_figure(
+    curves: Mapping[str, Running], *, levels: Sequence[float] = (), title: str = ""
+) -> Figure:
+    """How far each layer's running estimate is from the full split's, by samples seen.
+
+    Two panels (log-log), the mean's deviation and the std's (``running.Running``: in units
+    of ``target_std`` after LSUV), one line per layer; the last row (the full split, 0 by
+    definition) is left out, exact zeros before it are drawn on a marked floor.
+
+    Args:
+        curves: Per layer, its running estimate.
+        levels: Deviations drawn as lines (the ``eps`` the report counts samples for).
+        title: Figure title.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    fig = Figure(figsize=(10.0, 4.4), layout="constrained")
+    ax_mean, ax_std = fig.subplots(1, 2, sharex=True, sharey=True)
+    names = list(curves)
+    series = [[_nan(v) for v in curves[n].mean_dev[:-1].tolist()] for n in names]
+    series += [[_nan(v) for v in curves[n].std_dev[:-1].tolist()] for n in names]
+    series = _floored(ax_std, series)
+    k = len(names)
+    for i, name in enumerate(names):
+        xs = curves[name].samples[:-1].tolist()
+        colour = f"C{i % 10}"
+        for ax, ys in ((ax_mean, series[i]), (ax_std, series[k + i])):
+            ax.plot(xs, ys, marker=".", ms=4, lw=1.1, color=colour, label=name)
+    for ax, what in ((ax_mean, "|mean_n - mean|"), (ax_std, "|std_n - std|")):
+        for j, eps in enumerate(levels):
+            ax.axhline(eps, color="0.3", ls=("--", ":")[j % 2], lw=1.0, label=f"{eps:g}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minors overlap
+        ax.set_xlabel("samples seen (shards in order)")
+        ax.set_title(f"{what} / std (after LSUV: in target_std)", loc="left", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    ax_mean.set_ylabel("deviation from the full split (worst channel in channel mode)")
+    _legend(ax_std)
+    if title:
+        fig.suptitle(title, fontsize=11)
     return fig
 
 

@@ -6,6 +6,7 @@
         one pass (passes.py): every shard runs up to layer k, from the cached cut after
             layer k-1 when the model allows (cache.py), else from the input with the
             forward stopped right after layer k  ->  k's output moments, in shard order
+        record the running estimate after each shard of that pass (running.py)
         solve k (solve.py), iterating when its calls feed each other (refine.py)
         commit k to the store
     final weights = initial weights rescaled by every committed update
@@ -23,13 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import moments as mom
+from . import running
 from .attention import get_layer
 from .batches import ForwardFn, MaskFn
 from .config import RunConfig
 from .data import Source
 from .layers import LayerInfo, LayerPlan
 from .models import assign_state_
-from .passes import PassContext, run_pass
+from .passes import PassContext, merge_shards, run_pass, run_shards
 from .refine import Refinement
 from .report import LayerStats
 from .schema import Section, layer_pass_id
@@ -145,11 +147,19 @@ class LayerLoop:
             )
         plan = self._plan([info], info, solved, cache)
         record = (store, layer_pass_id(info.name, index))
-        calls = run_pass(self.setup.ctx, self.setup.source, plan, label=label, record=record)
+        shards = run_shards(self.setup.ctx, self.setup.source, plan, label=label, record=record)
+        calls = merge_shards(plan, shards)[info.name]
         self.passes += 1
+        if index == 1:  # from the recorded shards, so a resumed pass gives the same rows
+            estimate = running.record(
+                [moments[info.name] for _, moments in shards],
+                [len(shard) for shard, _ in shards],
+                mode=self.setup.config.mode,
+            )
+            store.write_running(info.name, estimate)
         if info.dependent:
-            store.write_pass(info.name, index, tuple(calls[info.name]))
-        return calls[info.name]
+            store.write_pass(info.name, index, tuple(calls))
+        return calls
 
     def solve_layer(self, k: int, info: LayerInfo) -> LayerStats:
         """Measure and solve one layer (iterating when its calls feed each other)."""

@@ -9,10 +9,11 @@
     merge every layer's per-shard moments IN SHARD ORDER     the same bits on any executor
 
 Like dask's chunk / combine / aggregate split, the executors compute per-shard partials and
-this module alone combines them, in a fixed order. The solve (``lsuv.py``) and ``verify``
-both run their passes here; verify without a record (it writes nothing). Ctrl-C stops a
-pass after the batch in flight (:func:`stop_on_sigint`); the record keeps every finished
-shard, so the same command resumes.
+this module alone combines them, in a fixed order (:func:`run_shards` hands back the shards
+unmerged for a caller that needs each, as the running estimate does: ``running.py``). The
+solve (``lsuv.py``) and ``verify`` both run their passes here; verify without a record (it
+writes nothing). Ctrl-C stops a pass after the batch in flight (:func:`stop_on_sigint`); the
+record keeps every finished shard, so the same command resumes.
 """
 
 from __future__ import annotations
@@ -34,7 +35,15 @@ from .progress import Progress
 from .shard import PassPlan, ShardMoments
 from .store import RunStore
 
-__all__ = ["PassContext", "StopFlag", "check_finite", "run_pass", "stop_on_sigint"]
+__all__ = [
+    "PassContext",
+    "StopFlag",
+    "check_finite",
+    "merge_shards",
+    "run_pass",
+    "run_shards",
+    "stop_on_sigint",
+]
 
 
 class StopFlag:
@@ -109,15 +118,15 @@ def check_finite(source: Source, shard: Shard, moments: ShardMoments) -> None:
             )
 
 
-def run_pass(
+def run_shards(
     ctx: PassContext,
     source: Source,
     plan: PassPlan,
     *,
     label: str,
     record: tuple[RunStore, str] | None = None,
-) -> dict[str, list[mom.Moments]]:
-    """One pass: per planned layer, each call's moments over every shard, in shard order.
+) -> list[tuple[Shard, ShardMoments]]:
+    """One pass, unmerged: every shard of the split and its moments, in shard order.
 
     Args:
         ctx: Where the pass runs.
@@ -129,20 +138,19 @@ def run_pass(
             them again. ``None``: record nothing.
 
     Returns:
-        Layer name -> one merged :class:`~.moments.Moments` per call of a forward.
+        ``(shard, its per-layer per-call moments)`` for every shard, in shard order.
 
     Raises:
         DataError: NaN or inf in a shard's outputs.
         Interrupted: Ctrl-C; finished shards stay recorded.
     """
     parts = source.shards(ctx.shard_size)
-    layers = plan.layers
     results: dict[int, ShardMoments] = {}
     partial = None
     if record is not None:
         store, pass_id = record
         partial = store.partial(
-            pass_id, len(parts), [(i.name, i.calls, i.channels) for i in layers]
+            pass_id, len(parts), [(i.name, i.calls, i.channels) for i in plan.layers]
         )
         results.update(partial.done())
     todo = [s for s in parts if s.index not in results]
@@ -160,10 +168,35 @@ def run_pass(
             results[shard.index] = moments
     finally:
         ctx.progress.pass_finished()
+    return [(s, results[s.index]) for s in parts]
+
+
+def merge_shards(
+    plan: PassPlan, shards: list[tuple[Shard, ShardMoments]]
+) -> dict[str, list[mom.Moments]]:
+    """Per planned layer, each call's moments merged over ``shards`` in the order given."""
     return {
         info.name: [
-            mom.merge_all(results[s.index][info.name][call] for s in parts)
+            mom.merge_all(moments[info.name][call] for _, moments in shards)
             for call in range(info.calls)
         ]
-        for info in layers
+        for info in plan.layers
     }
+
+
+def run_pass(
+    ctx: PassContext,
+    source: Source,
+    plan: PassPlan,
+    *,
+    label: str,
+    record: tuple[RunStore, str] | None = None,
+) -> dict[str, list[mom.Moments]]:
+    """One pass: per planned layer, each call's moments over every shard, in shard order.
+
+    :func:`run_shards` then :func:`merge_shards` (same arguments, errors alike).
+
+    Returns:
+        Layer name -> one merged :class:`~.moments.Moments` per call of a forward.
+    """
+    return merge_shards(plan, run_shards(ctx, source, plan, label=label, record=record))

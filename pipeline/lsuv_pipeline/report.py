@@ -12,6 +12,7 @@ from pathlib import Path
 from . import figures
 from . import moments as mom
 from .errors import ConfigError, StoreError, write_error
+from .running import EPSILONS, Running, samples_within
 from .solve import Mode, residual
 
 __all__ = [
@@ -19,7 +20,9 @@ __all__ = [
     "LayerStats",
     "Table",
     "check_output",
+    "format_running",
     "format_table",
+    "plot_running",
     "plot_stats",
     "row_flags",
     "row_notes",
@@ -271,6 +274,24 @@ def write_atomic(path: str | os.PathLike, data: bytes, what: str) -> Path:
     return path
 
 
+def _format(path: str | os.PathLike, what: str) -> str:
+    """The figure format of ``path`` by its extension, once its folder is checked.
+
+    Raises:
+        ConfigError: An extension other than ``.png``, ``.svg``, ``.pdf``.
+        StoreError: The folder does not exist.
+    """
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in figures.FORMATS:
+        raise ConfigError(
+            f"cannot draw {what} to {str(path)!r}: unknown file type {path.suffix or '(none)'!r}"
+            f"; use one of {', '.join('.' + f for f in figures.FORMATS)}"
+        )
+    check_output(path, what)
+    return fmt
+
+
 def plot_stats(
     rows: Sequence[LayerStats],
     path: str | os.PathLike,
@@ -310,14 +331,7 @@ def plot_stats(
         ConfigError: An extension other than ``.png``, ``.svg``, ``.pdf``.
         StoreError: The folder does not exist or cannot be written.
     """
-    path = Path(path)
-    fmt = path.suffix.lower().lstrip(".")
-    if fmt not in figures.FORMATS:
-        raise ConfigError(
-            f"cannot draw the plot to {str(path)!r}: unknown file type {path.suffix or '(none)'!r}"
-            f"; use one of {', '.join('.' + f for f in figures.FORMATS)}"
-        )
-    check_output(path, "the plot")
+    fmt = _format(path, "the plot")
     solve_split = splits[0] if solve_split is None and splits else solve_split or ""
     table = table_rows(
         rows,
@@ -338,3 +352,48 @@ def plot_stats(
         title=title,
     )
     return write_atomic(path, figures.render(fig, fmt), "the plot")
+
+
+def format_running(
+    curves: Mapping[str, Running | None], *, epsilons: Sequence[float] = EPSILONS
+) -> str:
+    """Return a fixed-width table: per layer, the samples after which its running estimate
+    stayed within each of ``epsilons`` (``running.samples_within``), of how many.
+
+    "not within" means only the whole split is; "no record" marks a layer without a
+    running estimate (solved by a version that did not record them).
+    """
+    head = ["layer", "samples", *(f"within {eps:g}" for eps in epsilons)]
+    body = []
+    for name, curve in curves.items():
+        if curve is None:
+            body.append([name or "(model)", "-", *("no record" for _ in epsilons)])
+            continue
+        counts = [samples_within(curve, eps) for eps in epsilons]
+        body.append([name or "(model)", str(int(curve.samples[-1])),
+                     *("not within" if n is None else str(n) for n in counts)])  # fmt: skip
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for cells in body:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def plot_running(
+    curves: Mapping[str, Running],
+    path: str | os.PathLike,
+    *,
+    epsilons: Sequence[float] = EPSILONS,
+    title: str = "",
+) -> Path:
+    """Draw each layer's running-estimate deviation by samples seen (``figures.running_figure``)
+    to an image file; its extension picks the format (``.png``, ``.svg``, ``.pdf``).
+
+    Raises:
+        ConfigError: Another extension.
+        StoreError: The folder does not exist or cannot be written.
+    """
+    fmt = _format(path, "the convergence plot")
+    fig = figures.running_figure(curves, levels=epsilons, title=title)
+    return write_atomic(path, figures.render(fig, fmt), "the convergence plot")

@@ -8,6 +8,9 @@ A run is one Zarr v3 group (schema 1)::
       layers/<key>/             one group per target layer, committed after its pass:
         count, mean, var          per-channel moments measured before solving it
         scale, shift              the update applied: W / scale, (b - shift) / scale
+        running/                  the estimate after each shard of its first pass, in shard
+          samples, mean, std,       order (``running.Running``; stores before it have none)
+          mean_dev, std_dev
       final/<param>             the finished state (status "complete")
       before/<split>/<key>/     per-channel moments with the initial weights
       verify/<split>/<key>/     per-channel moments after LSUV
@@ -46,6 +49,7 @@ from . import moments as mom
 from .errors import StoreError, first_line, write_error
 from .lock import LOCK_NAME
 from .partial import Partial
+from .running import Running
 from .schema import SCHEMA, TOOL, Section, check_root, layer_key
 from .solve import Solution
 from .zarrio import CheckedGroup, consolidate, sweep_temp_files
@@ -242,6 +246,23 @@ class RunStore(CheckedGroup):
         self._put(group, "shift", solution.shift, CHANNEL)
         with self._writing(f"layer {key}"):
             group.attrs.update({**attrs, "committed": True})
+
+    def write_running(self, name: str, running: Running) -> None:
+        """Write a layer's running estimate (before its commit; rewritten by a rerun)."""
+        where = f"layers/{layer_key(name)}/running"
+        group = self._sub(where, create=True)
+        for field in Running.FIELDS:
+            self._put(group, field, getattr(running, field), ("shard",))
+        with self._writing(f"group {where}"):
+            group.attrs.update({"complete": True})
+
+    def read_running(self, name: str) -> Running | None:
+        """A layer's running estimate, or ``None`` if it has none (a store written before
+        they were recorded, or a layer not yet measured)."""
+        where = f"layers/{layer_key(name)}/running"
+        if not self._flag(where, "complete"):
+            return None
+        return Running(*(self._get(f"{where}/{field}") for field in Running.FIELDS))
 
     def committed(self, name: str) -> bool:
         """Whether the layer's commit marker is written."""

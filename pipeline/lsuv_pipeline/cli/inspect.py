@@ -35,24 +35,35 @@ __all__ = ["export", "show", "verify"]
     type=click.Path(file_okay=False),
     help="Also write a self-contained HTML page of the run into this folder.",
 )
+@click.option(
+    "--convergence",
+    type=click.Path(dir_okay=False),
+    help="Draw how far each layer's running estimate was from the full split's after each "
+    "shard to this file (.png, .svg or .pdf), and print per layer the samples after which "
+    "it stayed within 1e-3 and 1e-4 (instead of the statistics table).",
+)
 @JSON
 @QUIET
-def show(run: str, plot: str | None, report: str | None, as_json: bool, quiet: bool) -> None:
+def show(run: str, plot: str | None, report: str | None, convergence: str | None,
+         as_json: bool, quiet: bool) -> None:  # fmt: skip
     """Print a run's config, status and per-layer statistics.
 
     RUN is a run store path or the name of a shipped checkpoint (mnist-mj). Files asked
-    for (--plot, --report) are written before anything is printed.
+    for (--plot, --report, --convergence) are written before anything is printed.
     """
     set_output(click.get_current_context(), quiet=quiet, as_json=as_json)
     r = open_run(run)
+    needed = r.running_table() if convergence else None  # no record: an error, before any write
     written = [r.plot(plot)] if plot else []
     if report:
         written.append(r.report(report))
+    if convergence:
+        written.append(r.plot_running(convergence))
     if as_json:
         print_json(document(r, "show"))
     else:
         click.echo(header(r))
-        click.echo(r.table())
+        click.echo(needed or r.table())
     for path in written:
         note(f"wrote {path}")
 
