@@ -198,3 +198,16 @@ def test_a_section_measured_again_keeps_the_others_with_when_they_were_measured(
         f"{s}: {raw['measured'][s]}" for s in kept
     )
     assert "cost" not in raw and all(s in raw for s in kept)
+
+
+def test_the_training_script_comparison_fills_its_table(data_root):
+    from benchmarks import loop
+
+    res = loop.measure(str(data_root), 256, 1)
+    res.update(commit="test", cpu="test")
+    (rows,) = tables(loop.render(res))
+    assert [r["init"] for r in rows] == ["`lsuv_pipeline.lsuv_`", "`lsuv (PyPI)`"]
+    columns = ["seconds (median)", "forward epochs", "max abs(std - 1)", "max abs(mean)"]
+    assert all(math.isfinite(number(r[c])) for r in rows for c in columns)
+    ours = rows[0]  # exact on the data it was solved on
+    assert number(ours["max abs(std - 1)"]) < 1e-4 and number(ours["max abs(mean)"]) < 1e-4
