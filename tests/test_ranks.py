@@ -177,3 +177,23 @@ def test_the_cli_under_torchrun_writes_the_store_of_one_process(tmp_path, data_r
     )
     assert same(a, b)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.zarr", "two.zarr"]
+
+
+def test_distributed_true_without_a_group_is_one_line():
+    from lsuv_pipeline import RunConfig, compute
+    from lsuv_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"no torch\.distributed process group"):
+        compute(RunConfig(dataset="x", holdout=None), "unused.zarr",
+                model=torch.nn.Linear(2, 2), data=torch.randn(8, 2), distributed=True)  # fmt: skip
+
+
+def test_dask_options_inside_a_group_of_ranks_are_refused_before_any_exchange(monkeypatch):
+    from lsuv_pipeline import RunConfig, compute, run
+    from lsuv_pipeline.errors import ConfigError
+    from lsuv_pipeline.ranks import Ranks
+
+    monkeypatch.setattr(run, "current", lambda distributed: Ranks(0, 2))
+    with pytest.raises(ConfigError, match="group of 2 ranks: the ranks already split"):
+        compute(RunConfig(dataset="x", holdout=None), "unused.zarr",
+                model=torch.nn.Linear(2, 2), data=torch.randn(8, 2), workers=2)  # fmt: skip

@@ -274,6 +274,13 @@ def _prepare(o: dict) -> tuple[_Run, contextlib.AbstractContextManager]:
     entered), refusing bad ones before anything is written."""
     dev = resolve_device(o["device"])
     ranks = current(o["distributed"])
+    dask = any(o[k] is not None for k in ("workers", "scheduler", "scheduler_file"))
+    if ranks is not None and dask and o["executor"] is None:
+        raise ConfigError(
+            f"--workers / --scheduler / --scheduler-file in a torch.distributed group of "
+            f"{ranks.world} ranks: the ranks already split the shards; use one or the other "
+            "(distributed=False runs this process alone)"
+        )
     try:
         budget = parse_size(o["cache_memory"])
     except ValueError as exc:
@@ -320,12 +327,6 @@ def _prepare(o: dict) -> tuple[_Run, contextlib.AbstractContextManager]:
     if o["executor"] is not None:  # a caller's own: used as it is, left open
         return run, contextlib.nullcontext(o["executor"])
     if ranks is not None:
-        if any(o[k] is not None for k in ("workers", "scheduler", "scheduler_file")):
-            raise ConfigError(
-                f"--workers / --scheduler / --scheduler-file in a torch.distributed group of "
-                f"{ranks.world} ranks: the ranks already split the shards; use one or the "
-                "other (distributed=False runs this process alone)"
-            )
         executor = RankExecutor(ranks, config.shard_size, allow_mixed=o["allow_mixed_hardware"])
         return run, contextlib.nullcontext(executor)
     return run, open_executor(
