@@ -195,6 +195,11 @@ def format_table(
         rows, splits=splits, solve_split=solve_split, target_std=target_std, tol=tol, mode=mode
     )
     head, body = table.head, table.body
+    return _columns(head, body)
+
+
+def _columns(head: list[str], body: list[list[str]]) -> str:
+    """Plain-text columns, left-aligned, the header underlined."""
     widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
@@ -372,12 +377,7 @@ def format_running(
         counts = [samples_within(curve, eps) for eps in epsilons]
         body.append([name or "(model)", str(int(curve.samples[-1])),
                      *("not within" if n is None else str(n) for n in counts)])  # fmt: skip
-    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    for cells in body:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
-    return "\n".join(lines)
+    return _columns(head, body)
 
 
 def plot_running(
