@@ -53,6 +53,7 @@ def lsuv_(
     verify: bool = False,
     progress: Progress | bool | str = "auto",
     name: str = "data",
+    loader_workers: int | None = None,
 ) -> nn.Module:
     """Initialize ``model`` in place with exact LSUV over all of ``data``; return it.
 
@@ -79,6 +80,7 @@ def lsuv_(
         progress: ``"auto"``: bars when stderr is a terminal or a notebook; ``True``,
             ``False``, or a :class:`~lsuv_pipeline.progress.Progress`.
         name: The data's name in the store and in messages.
+        loader_workers: As for ``compute``: threads that load the batches (0: none).
 
     Returns:
         ``model``, initialized.
@@ -93,7 +95,7 @@ def lsuv_(
                        holdout=None, sample=samples, sample_seed=sample_seed)  # fmt: skip
     options = dict(model=model, data=fixed_order(data), collate=collate, forward_fn=forward_fn,
                    mask_fn=mask_fn, device=device if device is not None else _device_of(model),
-                   progress=_progress(progress))  # fmt: skip
+                   progress=_progress(progress), loader_workers=loader_workers)  # fmt: skip
     if store is not None:
         compute(config, store, **options)
         return model

@@ -39,6 +39,7 @@ from .context import (
     resolve_device,
 )
 from .data import Source, resolve_root
+from .data.loading import default_workers
 from .errors import ConfigError, Interrupted, OffTarget, ReadOnlyStore, StoreError
 from .executors import Executor
 from .hooks import model_dtype
@@ -149,6 +150,7 @@ def compute(
     progress: Progress | bool = False,
     overwrite: bool = False,
     allow_mixed_hardware: bool = False,
+    loader_workers: int | None = None,
 ) -> RunResult:
     """Compute the full-dataset LSUV init of a model and write it to a run store.
 
@@ -180,6 +182,10 @@ def compute(
         overwrite: Replace a store of another config, data or model, or a damaged one.
         allow_mixed_hardware: Let passes run with another numerics fingerprint than the
             run's (other dask workers, a resume elsewhere); recorded in the store.
+        loader_workers: Threads that load the data: decode a batch's images and read the
+            next batches while one computes (0: all in the calling thread; default: the
+            cores available, at most 8). Results are the same bytes for any number, and it
+            is not part of the run's identity.
 
     Raises:
         LsuvError: Bad configuration, data, model or store, or a layer that cannot be solved.
@@ -234,6 +240,14 @@ def _prepare(o: dict) -> tuple[_Run, contextlib.AbstractContextManager]:
             raise ConfigError(f"{option} must be callable, got {type(fn).__name__}")
     train, holdout = open_sources(config, root, o["download"], data, o["holdout_data"],
                                   o["collate"], whole=forward is not None)  # fmt: skip
+    workers = o["loader_workers"]
+    if workers is None:
+        workers = default_workers()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"loader_workers must be an integer >= 0, got {workers!r}")
+    for source in (train, holdout):
+        if source is not None:
+            source.set_loader_workers(workers)
     model, provenance = model_for(config, o["model"], train)
     for option, fn in (("forward_fn", forward), ("mask_fn", mask)):
         if fn is not None:

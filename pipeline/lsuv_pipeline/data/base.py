@@ -125,6 +125,9 @@ class Source:
     transform: dict
     #: How another process opens the same source (``None``: only by pickling this object).
     spec: DatasetSpec | None = None
+    #: Threads that load its batches (``loading.py``; 0: the calling thread). Not part of
+    #: the data: it changes no byte of a batch, nor the fingerprint.
+    loader_workers: int = 0
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
         """Return samples ``[start, stop)`` preprocessed, as one float32 batch."""
@@ -142,6 +145,14 @@ class Source:
         """Yield the shard's samples in order, ``batch_size`` at a time."""
         for start, stop in self.batch_ranges(shard, batch_size):
             yield self.batch(start, stop)
+
+    def set_loader_workers(self, workers: int) -> Source:
+        """Load with ``workers`` threads (0: in the calling thread); return the source."""
+        self.loader_workers = workers
+        inner = getattr(self, "inner", None)  # a view: its source decodes
+        if isinstance(inner, Source):
+            inner.set_loader_workers(workers)
+        return self
 
     def reopen_options(self) -> dict:
         """Options that let :func:`open_source` reopen this source without repeating work."""

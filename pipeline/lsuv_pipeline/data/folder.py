@@ -13,6 +13,7 @@ import torch
 from .. import moments as mom
 from ..errors import ConfigError, DataError
 from .base import Source, check_option_names, floats_option, int_option, normalize_images
+from .loading import ordered_map
 
 # -- image folders -------------------------------------------------------------------
 
@@ -226,7 +227,8 @@ class _FolderSource(Source):
         stop = min(stop, self.count)
         if start >= stop:
             return torch.empty((0, *self.sample_shape), dtype=torch.uint8)
-        return torch.stack([self._decode(i) for i in range(start, stop)])  # (N, C, H, W)
+        images = ordered_map(self._decode, range(start, stop), self.loader_workers)
+        return torch.stack(images)  # (N, C, H, W)
 
     def _folder_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel population mean / std of ``x / 255`` over the split, streamed."""
