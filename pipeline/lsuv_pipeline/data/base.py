@@ -133,6 +133,17 @@ class Source:
         """Return samples ``[start, stop)`` preprocessed, as one float32 batch."""
         raise NotImplementedError
 
+    def raw_batch(self, start: int, stop: int):
+        """Samples ``[start, stop)`` as a process keeps them between passes: the batch
+        before its last, cheap steps (an image folder's uint8 pixels, before ``x / 255``
+        and the normalization, a quarter of the float bytes); by default the batch itself.
+        ``from_raw(raw_batch(a, b))`` is ``batch(a, b)``, byte for byte."""
+        return self.batch(start, stop)
+
+    def from_raw(self, raw):
+        """The batch of a :meth:`raw_batch`."""
+        return raw
+
     def shards(self, shard_size: int) -> list[Shard]:
         """Split the source into the fixed shards of a pass (see :func:`shards`)."""
         return shards(self.count, shard_size)
@@ -344,6 +355,12 @@ class _Limited(Source):
     def batch(self, start: int, stop: int) -> torch.Tensor:
         return self.inner.batch(start, min(stop, self.count))
 
+    def raw_batch(self, start: int, stop: int):
+        return self.inner.raw_batch(start, min(stop, self.count))
+
+    def from_raw(self, raw):
+        return self.inner.from_raw(raw)
+
     def shards(self, shard_size: int) -> list[Shard]:
         cut = (
             Shard(s.index, s.start, min(s.stop, self.count)) for s in self.inner.shards(shard_size)
@@ -411,13 +428,27 @@ class _Sampled(Source):
         picked = self.indices[start : min(stop, self.count)].tolist()
         if not picked:
             return self.inner.batch(0, 0)
-        runs: list[list[int]] = []  # consecutive indices are read as one range
-        for i in picked:
-            if runs and runs[-1][1] == i:
-                runs[-1][1] = i + 1
-            else:
-                runs.append([i, i + 1])
-        return B.cat([self.inner.batch(a, b) for a, b in runs])
+        return B.cat([self.inner.batch(a, b) for a, b in _runs(picked)])
+
+    def raw_batch(self, start: int, stop: int):
+        picked = self.indices[start : min(stop, self.count)].tolist()
+        if not picked:
+            return self.inner.raw_batch(0, 0)
+        return B.cat([self.inner.raw_batch(a, b) for a, b in _runs(picked)])
+
+    def from_raw(self, raw):
+        return self.inner.from_raw(raw)
+
+
+def _runs(picked: list[int]) -> list[list[int]]:
+    """Sorted indices as ``[start, stop)`` runs of consecutive ones, each read as one range."""
+    runs: list[list[int]] = []
+    for i in picked:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
 
 
 # -- shards --------------------------------------------------------------------------

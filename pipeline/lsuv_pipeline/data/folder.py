@@ -246,7 +246,13 @@ class _FolderSource(Source):
         return mean, std
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
-        return normalize_images(self._images(start, stop), self._mean, self._std)
+        return self.from_raw(self._images(start, stop))
+
+    def raw_batch(self, start: int, stop: int) -> torch.Tensor:
+        return self._images(start, stop)  # (N, C, H, W) uint8: decoded, resized, cropped
+
+    def from_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        return normalize_images(raw, self._mean, self._std)
 
     def reopen_options(self) -> dict:
         if not self._stats_computed:
