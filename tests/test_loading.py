@@ -210,3 +210,13 @@ def test_a_run_is_the_same_bytes_and_the_same_run_with_any_loader_workers(tmp_pa
     assert again.up_to_date  # not "another run"
     with pytest.raises(ConfigError, match="loader_workers must be an integer >= 0"):
         compute(config, tmp_path / "c.zarr", loader_workers=-1, **kwargs)
+
+
+def test_the_cli_takes_loader_workers_of_0_or_more(tmp_path):
+    from click.testing import CliRunner
+
+    from lsuv_pipeline.cli import cli
+
+    bad = CliRunner().invoke(cli, ["compute", "--loader-workers", "-1", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "--loader-workers" in bad.output
+    assert "--loader-workers" in CliRunner().invoke(cli, ["compute", "--help"]).output
