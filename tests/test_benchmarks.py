@@ -211,3 +211,19 @@ def test_the_training_script_comparison_fills_its_table(data_root):
     assert all(math.isfinite(number(r[c])) for r in rows for c in columns)
     ours = rows[0]  # exact on the data it was solved on
     assert number(ours["max abs(std - 1)"]) < 1e-4 and number(ours["max abs(mean)"]) < 1e-4
+
+
+def test_the_image_folder_comparison_writes_its_table(data_root, tmp_path):
+    command = [sys.executable, str(REPO / "benchmarks" / "folder.py"), "--quick", "--write",
+               "--data-root", str(data_root), "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = (tmp_path / "folder.md").read_text()
+    raw = json.loads((tmp_path / "folder.json").read_text())
+    cases = list(raw["seconds"])
+    assert [c.split(",")[0] for c in cases] == ["read"] * 3 + ["epoch"] + ["solve"] * 2
+    assert "solve, ours, 0 loader workers" in cases and "read, ours, 0 loader workers" in cases
+    for case, runs in raw["seconds"].items():
+        assert len(runs) == 1 and all(s > 0 for s in runs)
+        assert re.search(rf"^\| {re.escape(case)} \| [0-9.]+ \| [0-9.]+ \|", text, re.M), case
+    assert "| epoch, torchvision DataLoader" in text and "baseline epochs" in text

@@ -250,3 +250,20 @@ def test_a_callers_model_and_data_give_the_inline_weights_on_workers(tmp_path):
         assert "attn.q_proj" in [s.name for s in result.solved]
         weights.append(result.model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_an_image_folder_on_a_dask_worker_gives_the_inline_bytes(tmp_path):
+    from tests.test_loading import jpeg_folder
+
+    folder = jpeg_folder(tmp_path / "imgs")  # kept on the worker as uint8 pixels
+    config = RunConfig(
+        dataset=f"imagefolder:{folder}",
+        dataset_options={"resize": 20, "crop": 16, "grayscale": True, "mean": [0.5], "std": [0.25]},
+        model="tests.fixtures.user_models:small_cnn",
+        holdout=None,
+        shard_size=10,
+        batch_size=4,
+    )
+    compute(config, tmp_path / "inline.zarr", device="cpu", loader_workers=2)
+    compute(config, tmp_path / "dask.zarr", device="cpu", workers=1, cache=False)
+    assert_same_bytes(tmp_path / "inline.zarr", tmp_path / "dask.zarr")

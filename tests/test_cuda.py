@@ -42,3 +42,33 @@ def test_cuda_dask_worker_gives_the_inline_bytes(tmp_path, data_root):
     compute(CONFIG, inline, data_root=data_root, device="cuda")
     compute(CONFIG, dask, data_root=data_root, device="cuda", workers=1)
     assert same_bytes(inline, dask)
+
+
+def test_cuda_pass_reads_pinned_batches_ahead_with_no_host_sync_per_batch(data_root):
+    from lsuv_pipeline.data import DatasetSpec, open_source
+    from lsuv_pipeline.executors import loaded
+    from lsuv_pipeline.layers import trace
+    from lsuv_pipeline.models import mj
+    from lsuv_pipeline.shard import PassPlan, measure_shard
+
+    device = torch.device("cuda")
+    spec = DatasetSpec(name="mnist", root=str(data_root), limit=2000, download=False)
+    source = open_source(spec).set_loader_workers(2)
+    model = mj().to(device)
+    layers = tuple(trace(model, source.batch(0, 2).to(device)))
+    plan = PassPlan(layers, None, 250)
+    (shard,) = source.shards(2000)
+    seen = []
+
+    def strict(batches):  # the batch loop runs in "error" mode, the shard's end does not
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for x in batches:
+                seen.append(x.is_pinned())
+                yield x
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    batches = strict(loaded(source, shard, 250, device))
+    measured = measure_shard(model, batches, plan, device=device)
+    assert seen == [True] * 8 and set(measured) == {i.name for i in layers}

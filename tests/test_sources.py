@@ -524,3 +524,17 @@ def test_spec_sources_survive_pickle_and_reopen_in_the_same_state(tmp_path, monk
 def test_shard_of_a_limit_beyond_its_end_reads_nothing():
     src = limited(source_from(TensorDataset(torch.randn(10, 2))), 4)
     assert list(src.batches(Shard(1, 5, 10), 2)) == []
+
+
+def test_raw_batches_of_a_folder_and_its_views_give_the_batches_byte_for_byte(tmp_path):
+    folder = make_folder(tmp_path / "imgs")
+    spec = folder_spec(folder)
+    for src in (
+        open_source(spec),
+        open_source(DatasetSpec(**{**spec.to_dict(), "limit": 4})),
+        open_source(DatasetSpec(**{**spec.to_dict(), "sample": 3, "sample_seed": 1})),
+    ):
+        for start, stop in ((0, src.count), (1, 3), (2, 2)):
+            raw = src.raw_batch(start, stop)
+            assert raw.dtype == torch.uint8
+            assert same_bytes(src.from_raw(raw), src.batch(start, stop))

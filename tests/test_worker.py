@@ -64,3 +64,27 @@ def test_the_activation_cache_budget_is_the_runs_not_the_first_ones():
     assert first.runner(plan(1000), torch.device("cpu")).cache.budget == 1000
     second = worker.WorkerState(run="two")
     assert second.runner(plan(5000), torch.device("cpu")).cache.budget == 5000
+
+
+def test_an_image_folders_shards_are_kept_as_uint8_pixels_and_give_the_same_batches(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from lsuv_pipeline.data import DatasetSpec, open_source
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        (tmp_path / "imgs" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, size=(24 + i, 30, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "imgs" / f"c{i % 2}" / f"{i}.jpg")
+    spec = DatasetSpec(name=f"imagefolder:{tmp_path / 'imgs'}", options={"resize": 20, "crop": 16})
+    shard = Shard(0, 0, 6)
+    state = worker.WorkerState(run="r")
+    state.batches(spec, shard, 4)
+    (kept,) = state.shards.values()
+    assert [b.dtype for b in kept] == [torch.uint8, torch.uint8]  # before x / 255: 1 byte each
+    assert state.shard_bytes == 6 * 3 * 16 * 16
+    want = list(open_source(spec).batches(shard, 4))
+    got = list(state.inputs(spec, shard, 4))
+    assert [b.dtype for b in got] == [torch.float32] * 2
+    assert all(a.numpy().tobytes() == b.numpy().tobytes() for a, b in zip(got, want, strict=True))

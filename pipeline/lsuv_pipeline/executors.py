@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .data import Shard, Source
+from .data.loading import prefetched
 from .numerics import fingerprint
 from .shard import CachedRunner, PassPlan, ShardMoments, measure_shard
 
@@ -74,13 +75,22 @@ class InlineExecutor(Executor):
             if plan.cache is not None:
                 moments = self._cached.measure(
                     model,
-                    lambda shard=shard: source.batches(shard, plan.batch_size),
+                    lambda shard=shard: loaded(source, shard, plan.batch_size, device),
                     shard,
                     plan,
                     device,
                     on_batch,
                 )
             else:
-                batches = source.batches(shard, plan.batch_size)
+                batches = loaded(source, shard, plan.batch_size, device)
                 moments = measure_shard(model, batches, plan, device=device, on_batch=on_batch)
             yield shard, moments
+
+
+def loaded(source: Source, shard: Shard, batch_size: int, device: torch.device) -> Iterator:
+    """The shard's batches, read ahead on a thread when the source has loader workers
+    (pinned for a CUDA device, so the copies overlap the compute)."""
+    batches = source.batches(shard, batch_size)
+    if source.loader_workers < 1:
+        return batches
+    return prefetched(batches, pin=device.type == "cuda")

@@ -58,6 +58,7 @@ def lsuv_(
     progress: Progress | bool | str = "auto",
     name: str = "data",
     distributed: bool | None = None,
+    loader_workers: int | None = None,
 ) -> nn.Module:
     """Initialize ``model`` in place with exact LSUV over all of ``data``; return it.
 
@@ -88,6 +89,7 @@ def lsuv_(
             ``lsuv_`` on every rank: they split the work and all get the same weights;
             only rank 0 writes ``store``. ``None``: so whenever such a group exists;
             ``False``: this process alone (e.g. one rank initializing, then broadcasting).
+        loader_workers: As for ``compute``: threads that load the batches (0: none).
 
     Returns:
         ``model``, initialized.
@@ -102,7 +104,8 @@ def lsuv_(
                        holdout=None, sample=samples, sample_seed=sample_seed)  # fmt: skip
     options = dict(model=model, data=fixed_order(data), collate=collate, forward_fn=forward_fn,
                    mask_fn=mask_fn, device=device if device is not None else _device_of(model),
-                   progress=_progress(progress), distributed=distributed)  # fmt: skip
+                   progress=_progress(progress), distributed=distributed,
+                   loader_workers=loader_workers)  # fmt: skip
     if store is not None:
         compute(config, store, **options)
         return model

@@ -40,6 +40,7 @@ from .context import (
     resolve_device,
 )
 from .data import Source, resolve_root
+from .data.loading import default_workers
 from .errors import ConfigError, Interrupted, OffTarget, ReadOnlyStore, StoreError
 from .executors import Executor
 from .hooks import model_dtype
@@ -153,6 +154,7 @@ def compute(
     overwrite: bool = False,
     allow_mixed_hardware: bool = False,
     distributed: bool | None = None,
+    loader_workers: int | None = None,
 ) -> RunResult:
     """Compute the full-dataset LSUV init of a model and write it to a run store.
 
@@ -188,6 +190,12 @@ def compute(
             this on every rank: the ranks split the shards and all end with the same
             weights; only rank 0 writes ``out`` (``ranks.py``). ``None``: so whenever such
             a group exists; ``False``: this process alone.
+        loader_workers: Threads that load the data: decode a batch's images and read the
+            next batches while one computes (0: all in the calling thread; default: the
+            cores available, at most 8). Results are the same bytes for any number, and it
+            is not part of the run's identity. A ``data`` Dataset's ``__getitem__`` runs on
+            several threads at once only when this is given (it must then be thread-safe);
+            by default its items are read one at a time, ahead of the model.
 
     Raises:
         LsuvError: Bad configuration, data, model or store, or a layer that cannot be solved.
@@ -294,6 +302,14 @@ def _prepare(o: dict) -> tuple[_Run, contextlib.AbstractContextManager]:
             raise ConfigError(f"{option} must be callable, got {type(fn).__name__}")
     train, holdout = open_sources(config, root, o["download"], data, o["holdout_data"],
                                   o["collate"], whole=forward is not None)  # fmt: skip
+    workers = o["loader_workers"]
+    if workers is None:
+        workers = default_workers()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"loader_workers must be an integer >= 0, got {workers!r}")
+    for source in (train, holdout):
+        if source is not None:
+            source.set_loader_workers(workers, callers_items=o["loader_workers"] is not None)
     model, provenance = model_for(config, o["model"], train)
     for option, fn in (("forward_fn", forward), ("mask_fn", mask)):
         if fn is not None:

@@ -104,12 +104,25 @@ def measure_shard(
         capture(
             model, plan.layers, stop_after=plan.stop_after, forward=plan.forward, mask=plan.mask
         ) as cap,  # fmt: skip
+        closed_after(batches),
     ):
         for x in batches:
             cap.forward(B.to_device(x, device))
             if on_batch is not None:
                 on_batch(B.size(x))
     return {name: tuple(m.to("cpu") for m in calls) for name, calls in cap.moments.items()}
+
+
+@contextlib.contextmanager
+def closed_after(batches: Iterator) -> Iterator[Iterator]:
+    """Close ``batches`` (a generator, a prefetching reader) on the way out, even on an
+    error: a read-ahead thread stops at once, not when the iterator is collected."""
+    try:
+        yield batches
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 class CachedRunner:
@@ -142,12 +155,14 @@ class CachedRunner:
         index = {name: k for k, name in enumerate(self.segments.names)}
         solved = {index[name]: sol for name, sol in plan.solved if name in index}
         with (
+            contextlib.ExitStack() as stack,
             evaluating(model),
             torch.inference_mode(),
             reproducible(device, allow_tf32=plan.allow_tf32),
         ):
+            batches = stack.enter_context(closed_after(source_batches()))
             moments, new = self.segments.measure(
-                source_batches(),
+                batches,
                 spec.index,
                 solved,
                 device,

@@ -1,11 +1,12 @@
 """The dask worker side: what a worker keeps for a run, and one (pass, shard) task.
 
 A worker keeps, for the run its tasks belong to, the sources it opened, the decoded shards
-(within ``$LSUV_WORKER_CACHE_MB``, default 2048 MiB), one private copy of the model per
-worker thread (loaded once per pass) and the activation cache of cached passes. All of it
-is one :class:`WorkerState`, made afresh when the first task of another run arrives, so a
-new run never inherits an old run's budget, model copies or fx segments. A task still
-running for the old run keeps the state it started with.
+(an image folder's as uint8 pixels, before normalization; within ``$LSUV_WORKER_CACHE_MB``,
+default 2048 MiB), one private copy of the model per worker thread (loaded once per pass)
+and the activation cache of cached passes. All of it is one :class:`WorkerState`, made
+afresh when the first task of another run arrives, so a new run never inherits an old
+run's budget, model copies or fx segments. A task still running for the old run keeps the
+state it started with.
 
 Only this module runs on the workers; ``cluster.py`` is the client side.
 """
@@ -16,6 +17,7 @@ import copy
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -98,15 +100,21 @@ class WorkerState:
                 self.sources[key] = open_source(origin)
             return key, self.sources[key]
 
+    def inputs(self, origin, shard: Shard, batch_size: int) -> Iterator[torch.Tensor]:
+        """The shard's batches, from what :meth:`batches` keeps."""
+        source = self.source(origin)[1]
+        return (source.from_raw(raw) for raw in self.batches(origin, shard, batch_size))
+
     def batches(self, origin, shard: Shard, batch_size: int) -> list[torch.Tensor]:
-        """The shard's batches, decoded once and kept while the budget allows."""
+        """The shard's raw batches (``Source.raw_batch``: an image folder's uint8 pixels),
+        decoded once and kept while the budget allows."""
         source_key, source = self.source(origin)
         key = (source_key, shard.start, shard.stop, batch_size)
         with self.lock:
             if key in self.shards:
                 self.shards.move_to_end(key)
                 return self.shards[key]
-        batches = list(source.batches(shard, batch_size))
+        batches = [source.raw_batch(a, b) for a, b in source.batch_ranges(shard, batch_size)]
         size = _nbytes(batches)
         with self.lock:
             while self.shards and self.shard_bytes + size > self.budget:
@@ -199,8 +207,8 @@ def run_shard(
     plan, shard = task.plan, task.shard
     origin = source if source is not None else task.origin
     if plan.cache is None:
-        batches = mine.batches(origin, shard, plan.batch_size)
-        moments: ShardMoments = measure_shard(model, iter(batches), plan, device=device)
+        batches = mine.inputs(origin, shard, plan.batch_size)
+        moments: ShardMoments = measure_shard(model, batches, plan, device=device)
     else:
         moments = mine.runner(plan, device).measure(
             model,

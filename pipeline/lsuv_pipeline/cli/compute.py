@@ -149,6 +149,12 @@ __all__ = ["compute"]
     show_default=True,
     help="Seconds to wait for an existing scheduler and its first worker.",
 )
+@click.option(
+    "--loader-workers",
+    type=click.IntRange(min=0),
+    help="Threads that decode the data and read the next batches while one computes "
+    "(0: none; default: the cores available, at most 8). Same results for any number.",
+)
 @click.option("--allow-tf32", is_flag=True, help="Let CUDA use TF32 (faster, less reproducible).")
 @click.option(
     "--allow-mixed-hardware",
@@ -240,6 +246,7 @@ def compute(**opts) -> None:
             if main
             else Progress(),
             overwrite=opts["overwrite"],
+            loader_workers=opts["loader_workers"],
         )
         if main:  # the other ranks computed the same; rank 0 wrote and reports it
             print_result(click.get_current_context(), result)

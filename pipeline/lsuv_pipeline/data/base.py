@@ -125,10 +125,26 @@ class Source:
     transform: dict
     #: How another process opens the same source (``None``: only by pickling this object).
     spec: DatasetSpec | None = None
+    #: Threads that load its batches (``loading.py``; 0: the calling thread). Not part of
+    #: the data: it changes no byte of a batch, nor the fingerprint.
+    loader_workers: int = 0
+    #: Whether a caller's Dataset's items may be read on several threads at once.
+    callers_items: bool = False
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
         """Return samples ``[start, stop)`` preprocessed, as one float32 batch."""
         raise NotImplementedError
+
+    def raw_batch(self, start: int, stop: int):
+        """Samples ``[start, stop)`` as a process keeps them between passes: the batch
+        before its last, cheap steps (an image folder's uint8 pixels, before ``x / 255``
+        and the normalization, a quarter of the float bytes); by default the batch itself.
+        ``from_raw(raw_batch(a, b))`` is ``batch(a, b)``, byte for byte."""
+        return self.batch(start, stop)
+
+    def from_raw(self, raw):
+        """The batch of a :meth:`raw_batch`."""
+        return raw
 
     def shards(self, shard_size: int) -> list[Shard]:
         """Split the source into the fixed shards of a pass (see :func:`shards`)."""
@@ -142,6 +158,19 @@ class Source:
         """Yield the shard's samples in order, ``batch_size`` at a time."""
         for start, stop in self.batch_ranges(shard, batch_size):
             yield self.batch(start, stop)
+
+    def set_loader_workers(self, workers: int, *, callers_items: bool = False) -> Source:
+        """Load with ``workers`` threads (0: in the calling thread); return the source.
+
+        ``callers_items``: a caller's own Dataset may have its ``__getitem__`` called from
+        several threads at once (asked for explicitly: not every Dataset is thread-safe).
+        """
+        self.loader_workers = workers
+        self.callers_items = callers_items
+        inner = getattr(self, "inner", None)  # a view: its source decodes
+        if isinstance(inner, Source):
+            inner.set_loader_workers(workers, callers_items=callers_items)
+        return self
 
     def reopen_options(self) -> dict:
         """Options that let :func:`open_source` reopen this source without repeating work."""
@@ -333,6 +362,12 @@ class _Limited(Source):
     def batch(self, start: int, stop: int) -> torch.Tensor:
         return self.inner.batch(start, min(stop, self.count))
 
+    def raw_batch(self, start: int, stop: int):
+        return self.inner.raw_batch(start, min(stop, self.count))
+
+    def from_raw(self, raw):
+        return self.inner.from_raw(raw)
+
     def shards(self, shard_size: int) -> list[Shard]:
         cut = (
             Shard(s.index, s.start, min(s.stop, self.count)) for s in self.inner.shards(shard_size)
@@ -400,13 +435,27 @@ class _Sampled(Source):
         picked = self.indices[start : min(stop, self.count)].tolist()
         if not picked:
             return self.inner.batch(0, 0)
-        runs: list[list[int]] = []  # consecutive indices are read as one range
-        for i in picked:
-            if runs and runs[-1][1] == i:
-                runs[-1][1] = i + 1
-            else:
-                runs.append([i, i + 1])
-        return B.cat([self.inner.batch(a, b) for a, b in runs])
+        return B.cat([self.inner.batch(a, b) for a, b in _runs(picked)])
+
+    def raw_batch(self, start: int, stop: int):
+        picked = self.indices[start : min(stop, self.count)].tolist()
+        if not picked:
+            return self.inner.raw_batch(0, 0)
+        return B.cat([self.inner.raw_batch(a, b) for a, b in _runs(picked)])
+
+    def from_raw(self, raw):
+        return self.inner.from_raw(raw)
+
+
+def _runs(picked: list[int]) -> list[list[int]]:
+    """Sorted indices as ``[start, stop)`` runs of consecutive ones, each read as one range."""
+    runs: list[list[int]] = []
+    for i in picked:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
 
 
 # -- shards --------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 from .. import moments as mom
 from ..errors import ConfigError, DataError
 from .base import Source, check_option_names, floats_option, int_option, normalize_images
+from .loading import ordered_map
 
 # -- image folders -------------------------------------------------------------------
 
@@ -226,7 +227,8 @@ class _FolderSource(Source):
         stop = min(stop, self.count)
         if start >= stop:
             return torch.empty((0, *self.sample_shape), dtype=torch.uint8)
-        return torch.stack([self._decode(i) for i in range(start, stop)])  # (N, C, H, W)
+        images = ordered_map(self._decode, range(start, stop), self.loader_workers)
+        return torch.stack(images)  # (N, C, H, W)
 
     def _folder_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel population mean / std of ``x / 255`` over the split, streamed."""
@@ -244,7 +246,13 @@ class _FolderSource(Source):
         return mean, std
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
-        return normalize_images(self._images(start, stop), self._mean, self._std)
+        return self.from_raw(self._images(start, stop))
+
+    def raw_batch(self, start: int, stop: int) -> torch.Tensor:
+        return self._images(start, stop)  # (N, C, H, W) uint8: decoded, resized, cropped
+
+    def from_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        return normalize_images(raw, self._mean, self._std)
 
     def reopen_options(self) -> dict:
         if not self._stats_computed:

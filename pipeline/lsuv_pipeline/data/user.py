@@ -23,6 +23,7 @@ from torch.utils.data import (
 from .. import batches as B
 from ..errors import ConfigError, DataError
 from .base import Shard, Source, jsonable_shape
+from .loading import ordered_map
 
 # -- user data -----------------------------------------------------------------------
 
@@ -176,7 +177,10 @@ class _DatasetSource(Source):
         self.fingerprint = fingerprint or self._spot_check()
 
     def _collated(self, start: int, stop: int) -> torch.Tensor:
-        items = [self.data[i] for i in range(start, stop)]
+        # several threads in the caller's __getitem__ only when asked: it may not be
+        # thread-safe (an open h5py or LMDB handle); by default one reads ahead of the model
+        workers = self.loader_workers if self.callers_items else 0
+        items = ordered_map(self.data.__getitem__, range(start, stop), workers)
         what = f"dataset {self.name!r} items {start}..{stop - 1}"
         if self.collate is not None:
             return _as_batch(self.collate(items), what, self.whole)

@@ -1,0 +1,233 @@
+"""Image folders: our solve and our reading of a folder of JPEGs, against torchvision's.
+
+A folder of JPEGs is written from Fashion-MNIST into a temporary directory (class
+subfolders, 3 channels, upscaled with PIL), then, side by side in one process and repeated,
+three things are timed:
+
+* ``read``: every batch of the folder, preprocessed: ours (``loaded``, the passes' reader)
+  with ``loader_workers`` 0 and the default, and torchvision's ``ImageFolder`` through a
+  ``DataLoader(num_workers=cores)`` with the same Resize / CenterCrop / Normalize;
+* ``epoch``: the baseline, that DataLoader and one forward of the model per batch;
+* ``solve``: ``compute`` on ``imagefolder:PATH`` (no verification) with ``loader_workers``
+  0 and the default.
+
+The tables give medians of the repeats and ratios to the baseline epoch (timings on a shared
+machine are noisy; ratios of runs made seconds apart are what the sections compare). Torch
+runs on one thread in this process; the DataLoader's worker processes are the baseline's.
+
+    python benchmarks/folder.py [--quick] [--write]
+
+``--write`` writes ``folder.md`` into ``benchmarks/`` (``benchmarks/quick/`` with
+``--quick``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for _path in (str(REPO), str(REPO / "pipeline")):  # benchmark this checkout's package
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import click  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import code_commit, cpu_model, load_average, log, median, table  # noqa: E402
+from lsuv_pipeline import RunConfig, compute  # noqa: E402
+from lsuv_pipeline.data import DatasetSpec, open_source  # noqa: E402
+from lsuv_pipeline.data.loading import default_workers  # noqa: E402
+from lsuv_pipeline.executors import loaded  # noqa: E402
+from lsuv_pipeline.models import ModelSpec, build_model  # noqa: E402
+
+FULL = {"images": 2000, "size": 128, "resize": 112, "crop": 96, "repeats": 3}
+QUICK = {"images": 96, "size": 40, "resize": 36, "crop": 32, "repeats": 1}
+BATCH = 64
+SHARD = 512
+MODEL = "resnet18"
+
+
+def write_jpegs(folder: Path, data_root: Path, images: int, size: int) -> Path:
+    """The first ``images`` Fashion-MNIST training images as ``size`` px RGB JPEGs, one
+    subfolder per class."""
+    import torchvision.datasets as tvd
+    from PIL import Image
+
+    data = tvd.FashionMNIST(root=str(data_root), train=True, download=False)
+    for i in range(images):
+        label = int(data.targets[i])
+        (folder / f"{label}").mkdir(parents=True, exist_ok=True)
+        im = Image.fromarray(data.data[i].numpy()).convert("RGB")
+        im = im.resize((size, size), Image.BILINEAR)
+        im.save(folder / f"{label}" / f"{i:05d}.jpg", quality=90)
+    return folder
+
+
+def options(sizes: dict) -> dict:
+    return {"resize": sizes["resize"], "crop": sizes["crop"]}
+
+
+def torchvision_loader(folder: Path, sizes: dict, workers: int):
+    from torch.utils.data import DataLoader
+    from torchvision import datasets as tvd
+    from torchvision import transforms as T
+
+    transform = T.Compose([
+        T.Resize(sizes["resize"]),
+        T.CenterCrop(sizes["crop"]),
+        T.ToTensor(),
+        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])  # fmt: skip
+    data = tvd.ImageFolder(str(folder), transform=transform)
+    return DataLoader(data, batch_size=BATCH, num_workers=workers)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def read_ours(folder: Path, sizes: dict, workers: int) -> None:
+    spec = DatasetSpec(name=f"imagefolder:{folder}", options=options(sizes))
+    src = open_source(spec).set_loader_workers(workers)
+    for shard in src.shards(SHARD):
+        for _ in loaded(src, shard, BATCH, torch.device("cpu")):
+            pass
+
+
+def read_torchvision(loader) -> None:
+    for _ in loader:
+        pass
+
+
+def epoch_torchvision(loader, model) -> None:
+    with torch.inference_mode():
+        for x, _ in loader:
+            model(x)
+
+
+def solve(folder: Path, sizes: dict, workers: int, work: Path) -> None:
+    config = RunConfig(
+        dataset=f"imagefolder:{folder}",
+        dataset_options=options(sizes),
+        model=MODEL,
+        holdout=None,
+        verify=False,
+        batch_size=BATCH,
+        shard_size=SHARD,
+    )
+    out = work / f"solve-{workers}.zarr"
+    compute(config, out, device="cpu", loader_workers=workers, overwrite=True)
+    shutil.rmtree(out)
+
+
+def measure(data_root: Path, sizes: dict) -> dict:
+    """Time every case ``sizes["repeats"]`` times, interleaved; return the raw seconds."""
+    cores = len(os.sched_getaffinity(0))
+    workers = default_workers()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="lsuv-folder-") as tmp:
+        work = Path(tmp)
+        log(f"writing {sizes['images']} JPEGs of {sizes['size']} px")
+        folder = write_jpegs(work / "jpegs", data_root, sizes["images"], sizes["size"])
+        loader = torchvision_loader(folder, sizes, cores)
+        model = build_model(ModelSpec(name=MODEL), seed=0, in_channels=3, num_classes=10).eval()
+        cases = {
+            "read, ours, 0 loader workers": lambda: read_ours(folder, sizes, 0),
+            f"read, ours, {workers} loader workers": lambda: read_ours(folder, sizes, workers),
+            f"read, torchvision DataLoader, {cores} workers": lambda: read_torchvision(loader),
+            f"epoch, torchvision DataLoader, {cores} workers": lambda: epoch_torchvision(
+                loader, model
+            ),
+            "solve, ours, 0 loader workers": lambda: solve(folder, sizes, 0, work),
+            f"solve, ours, {workers} loader workers": lambda: solve(folder, sizes, workers, work),
+        }
+        seconds: dict[str, list[float]] = {name: [] for name in cases}
+        for r in range(sizes["repeats"]):
+            for name, fn in cases.items():
+                seconds[name].append(timed(fn))
+                log(f"repeat {r + 1}: {name}: {seconds[name][-1]:.2f} s")
+    return {"cores": cores, "loader_workers": workers, "seconds": seconds}
+
+
+def render(raw: dict, sizes: dict, command: str) -> str:
+    seconds = raw["seconds"]
+    baseline = median(next(v for k, v in seconds.items() if k.startswith("epoch")))
+    rows = [
+        [name, f"{median(v):.2f}", f"{median(v) / baseline:.2f}", " ".join(f"{s:.2f}" for s in v)]
+        for name, v in seconds.items()
+    ]
+    solves = [median(v) for k, v in seconds.items() if k.startswith("solve")]
+    reads = [median(v) for k, v in seconds.items() if k.startswith("read, ours")]
+    lines = [
+        "# Image folders: our loading and solve against torchvision's",
+        "",
+        f"`{command}`: {sizes['images']} Fashion-MNIST images as {sizes['size']} px RGB "
+        f"JPEGs, read with resize {sizes['resize']}, crop {sizes['crop']}, batches of "
+        f"{BATCH}, shards of {SHARD}; model {MODEL}, torch on 1 thread in the measuring "
+        f"process; medians of {sizes['repeats']} interleaved repeat(s).",
+        "",
+        table(["case", "median s", "/ baseline epoch", "each run, s"], rows),
+        "",
+        f"Reading the folder with {raw['loader_workers']} loader workers takes "
+        f"{reads[1] / reads[0]:.2f} of the time with none; the solve with them takes "
+        f"{solves[1] / solves[0]:.2f} of the time without "
+        f"({solves[0] / baseline:.2f} -> {solves[1] / baseline:.2f} baseline epochs).",
+        "",
+        f"Machine: {cpu_model()}, {raw['cores']} cores available, load average at start "
+        f"{raw['load']}; torch {torch.__version__}; commit {raw['commit']}; "
+        f"{raw['date']} UTC.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="A smoke test: few small images, one repeat.")
+@click.option(
+    "--data-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    envvar="LSUV_DATA_ROOT",
+    default=REPO / "data",
+    show_default="$LSUV_DATA_ROOT, else data/",
+    help="Folder with Fashion-MNIST in torchvision's layout.",
+)
+@click.option("--write", is_flag=True, help="Write folder.md and folder.json (else print only).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    show_default="benchmarks/; with --quick benchmarks/quick/, git-ignored",
+    help="Where --write puts folder.md and folder.json.",
+)
+def main(quick, data_root, write, out):
+    """Time reading and solving an image folder against torchvision's DataLoader."""
+    sizes = QUICK if quick else FULL
+    load = load_average()
+    raw = measure(data_root.resolve(), sizes)
+    raw.update(
+        load=load,
+        commit=code_commit(["folder.md", "folder.json"]),
+        date=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        sizes=sizes,
+    )
+    command = "python benchmarks/folder.py" + (" --quick" if quick else "")
+    text = render(raw, sizes, command)
+    click.echo(text)
+    if write:
+        folder = (out or REPO / "benchmarks" / ("quick" if quick else "")).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "folder.json").write_text(json.dumps(raw, indent=1))
+        (folder / "folder.md").write_text(text)
+        log(f"wrote {folder / 'folder.md'}")
+
+
+if __name__ == "__main__":
+    main()
