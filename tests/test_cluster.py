@@ -267,3 +267,16 @@ def test_an_image_folder_on_a_dask_worker_gives_the_inline_bytes(tmp_path):
     compute(config, tmp_path / "inline.zarr", device="cpu", loader_workers=2)
     compute(config, tmp_path / "dask.zarr", device="cpu", workers=1, cache=False)
     assert_same_bytes(tmp_path / "inline.zarr", tmp_path / "dask.zarr")
+
+
+def test_a_local_cluster_that_cannot_start_is_one_error_line(tmp_path, monkeypatch):
+    from lsuv_pipeline import cluster
+    from lsuv_pipeline.errors import ExecutorError
+
+    def fails(**options):
+        raise RuntimeError("Nanny failed to start.")
+
+    monkeypatch.setattr(cluster, "LocalCluster", fails)
+    with pytest.raises(ExecutorError, match="could not start a local dask cluster of 2 worker"):
+        compute(RunConfig(dataset="x", holdout=None), tmp_path / "r.zarr",
+                model=torch.nn.Linear(2, 2), data=torch.randn(8, 2), workers=2)  # fmt: skip

@@ -403,7 +403,14 @@ def connect(
     if workers is not None:
         if workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {workers}")
-        cluster = _local_cluster(workers, device_type)
+        try:
+            cluster = _local_cluster(workers, device_type)
+        except (RuntimeError, OSError, TimeoutError) as exc:  # e.g. "Nanny failed to start."
+            raise ExecutorError(
+                f"could not start a local dask cluster of {workers} worker(s): "
+                f"{first_line(exc)} (each worker is a new process that imports the calling "
+                "script; without --workers the run is inline)"
+            ) from None
         return DaskExecutor(Client(cluster), cluster, allow_mixed=allow_mixed)
     where = scheduler or scheduler_file
     if scheduler_file is not None:
