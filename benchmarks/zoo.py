@@ -291,7 +291,7 @@ class Record:
     warnings: list[str] = dataclasses.field(default_factory=list)
 
 
-def _input(entry: Entry, root: Path, samples: int) -> tuple[nn.Module, torch.Tensor, str]:
+def model_and_input(entry: Entry, root: Path, samples: int) -> tuple[nn.Module, torch.Tensor, str]:
     """Build the model and its data at the smallest size a forward of 2 samples takes."""
     if entry.tokens:
         x = tokens(root, samples)
@@ -485,7 +485,7 @@ class _TooLarge(Exception):
 
 
 def _measure(entry, root, samples, out: Path, batch_size, record: Record) -> None:
-    model, x, record.input = _input(entry, root, samples)
+    model, x, record.input = model_and_input(entry, root, samples)
     record.params = parameters(model)
     if record.params > MAX_PARAMS:
         raise _TooLarge

@@ -227,3 +227,20 @@ def test_the_image_folder_comparison_writes_its_table(data_root, tmp_path):
         assert len(runs) == 1 and all(s > 0 for s in runs)
         assert re.search(rf"^\| {re.escape(case)} \| [0-9.]+ \| [0-9.]+ \|", text, re.M), case
     assert "| epoch, torchvision DataLoader" in text and "baseline epochs" in text
+
+
+def test_the_device_benchmark_runs_its_cpu_fallback_and_fills_its_table(data_root):
+    from benchmarks import gpu
+
+    res = gpu.measure(data_root, 256, 1, models=("mj",))
+    res["commit"] = "test"
+    text = gpu.render(res)
+    (rows,) = tables(text)
+    assert [r["model"] for r in rows] == ["`mj`"]
+    row = rows[0]
+    assert number(row["solve / forward inline"]) > 0 and number(row["solve / forward dask"]) > 0
+    assert row["inline = dask bytes"] == "yes"
+    if res["device"] == "cpu":
+        assert row["syncs / batch"] == "n/a (CPU)" and "CPU fallback" in text
+    else:
+        assert number(row["syncs / batch"]) >= 0
