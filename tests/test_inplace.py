@@ -1,6 +1,7 @@
 """lsuv_: one call from a training script, on its own shuffling loader, writing nothing."""
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -92,3 +93,13 @@ def test_data_that_changes_between_passes_is_an_error_that_says_so(tmp_path, as_
 def test_not_a_module_is_one_line():
     with pytest.raises(ConfigError, match=r"lsuv_ takes a torch.nn.Module, got str"):
         lsuv_pipeline.lsuv_("resnet18", _data())
+
+
+def test_a_temporary_directory_that_cannot_be_written_is_one_store_error(tmp_path, monkeypatch):
+    from lsuv_pipeline.errors import StoreError
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(blocked))  # as TMPDIR=<a file> would
+    with pytest.raises(StoreError, match=r"cannot create a temporary folder in .*TMPDIR"):
+        lsuv_pipeline.lsuv_(small_cnn(), _data(), progress=False)

@@ -20,7 +20,6 @@ loader's ``DistributedSampler`` is read in full: the tool, not the sampler, spli
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from .errors import ConfigError
 from .progress import Progress
 from .run import compute
 from .solve import Mode
+from .zarrio import scratch_folder
 
 __all__ = ["fixed_order", "lsuv_"]
 
@@ -109,8 +109,8 @@ def lsuv_(
     if store is not None:
         compute(config, store, **options)
         return model
-    with tempfile.TemporaryDirectory(prefix="lsuv-") as tmp:
-        compute(config, Path(tmp) / "run.zarr", **options)
+    with scratch_folder("lsuv-") as tmp:
+        compute(config, tmp / "run.zarr", **options)
     return model
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from .report import LayerStats, format_table, with_unsolved
 from .schema import differences, identity, root_attrs, stored_identity
 from .solve import orthogonal_, refresh_weight_norm_
 from .store import RunStore
+from .zarrio import scratch_folder
 
 __all__ = ["RunResult", "compute"]
 
@@ -256,8 +256,8 @@ def _follow(run: _Run, executors) -> RunResult:
     failure, held = run.ranks.broadcast()
     if failure is not None:
         raise_from(0, failure)
-    with tempfile.TemporaryDirectory(prefix="lsuv-rank-") as tmp:
-        out = Path(tmp) / "run.zarr"
+    with scratch_folder("lsuv-rank-") as tmp:
+        out = tmp / "run.zarr"
         if held is not None:
             unpack(held, out)
         local = dataclasses.replace(run, out=out)

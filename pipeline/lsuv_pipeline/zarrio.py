@@ -11,7 +11,8 @@
   inode, same ``run_id`` in its root ``zarr.json``), and OS errors (a full disk, a
   read-only folder) become one :class:`StoreError` (``errors.write_error``);
 - Zarr's temporary files (``<name>.<uuid>.partial``, renamed into place once written,
-  left behind by a kill) are swept away.
+  left behind by a kill) are swept away;
+- a run without a store of its own writes into a :func:`scratch_folder`, removed after.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,7 @@ from zarr.errors import ZarrUserWarning
 
 from .errors import StoreError, first_line, write_error
 
-__all__ = ["CheckedGroup", "consolidate", "sweep_temp_files"]
+__all__ = ["CheckedGroup", "consolidate", "scratch_folder", "sweep_temp_files"]
 
 
 _TORCH_DTYPES = {
@@ -287,3 +290,20 @@ def sweep_temp_files(path: Path) -> None:
     for tmp in path.rglob("*.partial"):
         if _ZARR_TEMP.search(tmp.name):
             tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def scratch_folder(prefix: str) -> Iterator[Path]:
+    """A new temporary folder, removed on exit; one :class:`StoreError` if it cannot be
+    made (a full or unwritable temporary directory), never an ``OSError``."""
+    try:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True)
+    except OSError as exc:
+        where = tempfile.gettempdir()
+        raise StoreError(
+            f"cannot create a temporary folder in {where!r} for the run: "
+            f"{exc.strerror or exc}; set TMPDIR to a writable folder with free space, or "
+            "give the run a store of its own (store=)"
+        ) from None
+    with tmp as path:
+        yield Path(path)
