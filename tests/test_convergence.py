@@ -1,5 +1,8 @@
 """How many samples each layer needed: the running estimate after every shard, in shard order."""
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,12 +15,14 @@ from lsuv_pipeline.cli import cli
 from lsuv_pipeline.errors import StoreError
 from lsuv_pipeline.progress import Progress
 from lsuv_pipeline.running import EPSILONS, Running, record, samples_within
+from lsuv_pipeline.zarrio import consolidate
 from tests.stores import assert_same_bytes
 
 # 1500 samples in shards of 256: 6 shards, the last of 220
 SMALL = dict(limit=1500, shard_size=256, batch_size=128, holdout=None)
 SIZES = [256] * 5 + [220]
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "l1"]
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "mnist-mj.zarr"
 
 
 def run_small(out, data_root, **kw):
@@ -154,12 +159,28 @@ def test_show_convergence_draws_the_plot_and_prints_the_samples_needed(tmp_path,
         assert " ".join(line.split()[2:]) == " ".join(want)
 
 
+def _without_running(shipped: Path, out: Path) -> Path:
+    """A copy of a finished store as one written before running estimates were recorded."""
+    shutil.copytree(shipped, out)
+    for group in out.glob("layers/*/running"):
+        shutil.rmtree(group)
+    consolidate(out)
+    return out
+
+
+def test_the_shipped_checkpoint_says_how_many_samples_each_layer_needed():
+    needed = open_run("mnist-mj").samples_needed()
+    assert list(needed) == LAYERS
+    for counts in needed.values():
+        assert all(n is None or 0 < n <= 60000 for n in counts.values())
+
+
 def test_a_store_without_running_estimates_is_one_error_line(tmp_path):
-    # the shipped checkpoint was written before running estimates were recorded
+    old = _without_running(SHIPPED, tmp_path / "old.zarr")
     with pytest.raises(StoreError, match="has no running estimates"):
-        open_run("mnist-mj").samples_needed()
+        open_run(old).samples_needed()
     png = tmp_path / "conv.png"
-    result = CliRunner().invoke(cli, ["show", "mnist-mj", "--convergence", str(png)])
+    result = CliRunner().invoke(cli, ["show", str(old), "--convergence", str(png)])
     assert result.exit_code == 1
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.output
     assert result.stderr.startswith("Error: ") and "no running estimates" in result.stderr
