@@ -36,6 +36,7 @@ import math  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 
 import click  # noqa: E402
@@ -213,15 +214,23 @@ def train(model: nn.Module, x, y, x_test, y_test, *, lr: float, seed: int,
     }
 
 
-def measure(settings: DeepSettings, root: Path, work: Path) -> dict:
-    """Every (dataset, depth, init, seed), each trained at every learning rate."""
+def measure(settings: DeepSettings, root: Path, work: Path,
+            partial: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
+    """Every (dataset, depth, init, seed), each trained at every learning rate.
+
+    Seeds are the outer loop, so a run stopped early has every configuration at fewer
+    seeds; ``partial`` is called with the results so far after each init.
+    """
     torch.set_num_threads(settings.threads)
-    runs = []
+    data = {d: _data(d, root, settings) for d in DATASETS}
+    result = {"train_count": data[DATASETS[0]][0].count,
+              "test_count": data[DATASETS[0]][3].shape[0], "runs": []}  # fmt: skip
+    runs = result["runs"]
     total = len(DATASETS) * len(settings.depths) * len(settings.inits) * len(settings.seeds)
-    for dataset in DATASETS:
-        src, x, y, x_test, y_test = _data(dataset, root, settings)
-        for depth in settings.depths:
-            for seed in settings.seeds:
+    for seed in settings.seeds:
+        for dataset in DATASETS:
+            src, x, y, x_test, y_test = data[dataset]
+            for depth in settings.depths:
                 for name in settings.inits:
                     t = time.perf_counter()
                     torch.manual_seed(seed)
@@ -237,7 +246,9 @@ def measure(settings: DeepSettings, root: Path, work: Path) -> dict:
                     log(f"deep {len(runs) // len(settings.lrs)}/{total}: {dataset} depth {depth}"
                         f" {name} seed {seed}: best lr {best['lr']} test acc "
                         f"{best['test_acc']:.4f} ({time.perf_counter() - t:.0f} s)")  # fmt: skip
-    return {"train_count": src.count, "test_count": x_test.shape[0], "runs": runs}
+                    if partial is not None:
+                        partial(result)
+    return result
 
 
 # -- summaries -------------------------------------------------------------------------------
@@ -442,6 +453,8 @@ def _plot(plt, raw: dict, b: dict):
         for col, depth in enumerate(depths):
             ax = axes[row][col]
             for n, init in enumerate(settings["inits"]):
+                if (d, depth, init) not in b:  # a run stopped before it
+                    continue
                 lr = b[d, depth, init]["lr"]
                 curves = [r["curve"] for r in raw["runs"] if (r["dataset"], r["depth"],
                           r["init"], r["lr"]) == (d, depth, init, lr)]  # fmt: skip
@@ -481,32 +494,54 @@ def _machine() -> dict:
     show_default="$LSUV_DATA_ROOT, else data/",
     help="Folder with MNIST and Fashion-MNIST in torchvision's layout.",
 )
-@click.option("--write", is_flag=True, help="Write deep.md, deep.json and deep.png.")
+@click.option("--write", is_flag=True, help="Write deep.md, deep.json and deep.png "
+              "(and deep.partial.json, the runs so far, while it runs).")  # fmt: skip
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Where --write writes [default: benchmarks/, or quick/ in it].")  # fmt: skip
 @click.option("--seeds", type=click.IntRange(min=1), help="Seeds 0..N-1.")
 @click.option("--steps", type=click.IntRange(min=1), help="SGD steps per run.")
-def main(quick, data_root, write, out, seeds, steps):
+@click.option(
+    "--render",
+    "render_from",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Measure nothing: write deep.md and deep.png from this deep.json or "
+    "deep.partial.json (into --out, or its folder).",
+)
+def main(quick, data_root, write, out, seeds, steps, render_from):
     """Train deep thin plain networks from each init; write deep.md and its plot."""
+    if render_from is not None:
+        raw = json.loads(render_from.read_text())
+        out = (out or render_from.parent).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "deep.md").write_text(render(raw, out) + "\n")
+        click.echo(out / "deep.md")
+        return
     overrides = {}
     if seeds is not None:
         overrides["seeds"] = tuple(range(seeds))
     if steps is not None:
         overrides["steps"] = steps
     settings = DeepSettings.make(quick, **overrides)
+    out = (out or REPO / "benchmarks" / ("quick" if quick else "")).resolve()
     t = time.perf_counter()
     raw = {"machine": _machine(), "settings": settings.record()}
+
+    def partial(result: dict) -> None:
+        seconds = time.perf_counter() - t
+        (out / "deep.partial.json").write_text(json.dumps({**raw, **result, "seconds": seconds}))
+
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lsuv-deep-") as work:
-        raw.update(measure(settings, data_root.resolve(), Path(work)))
+        raw.update(measure(settings, data_root.resolve(), Path(work), partial if write else None))
     raw["seconds"] = time.perf_counter() - t
     raw["machine"]["load average at end"] = load_average()
     if not write:
         click.echo(render(raw, None))
         return
-    out = (out or REPO / "benchmarks" / ("quick" if quick else "")).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     (out / "deep.json").write_text(json.dumps(raw, indent=1))
     (out / "deep.md").write_text(render(raw, out) + "\n")
+    (out / "deep.partial.json").unlink()
     click.echo(out / "deep.md")
 
 
