@@ -122,7 +122,7 @@ class DeepSettings:
         else:
             sizes = dict(depths=(11, 19), widths=(8, 16, 32), hidden=64, size=16,
                          train_limit=None, test_limit=5000, inits=tuple(INITS),
-                         lrs=(0.01, 0.03), steps=200, seeds=(0, 1, 2))  # fmt: skip
+                         lrs=(0.01, 0.03), steps=150, seeds=(0, 1, 2))  # fmt: skip
         return cls(quick=quick, momentum=0.9, batch=64, **{**sizes, **overrides})
 
     def record(self) -> dict:
@@ -345,15 +345,18 @@ def render(raw: dict, out: Path | None) -> str:
             "",
             f"Written by `{_command(settings)}` ({'quick mode: a smoke test' if settings['quick'] else 'full mode'})"  # noqa: E501
             f" on {m['date (UTC)']} at commit {m['commit']}, {m['cpu']}, "
-            f"{settings['threads']} torch thread, {raw['seconds'] / 60:.1f} min. Every number "
+            f"{settings['threads']} torch thread, {raw['seconds'] / 60:.1f} min{_rendered(raw)}. "
+            "Every number "
             "and sentence below is computed from this run (raw values in `deep.json`).",
+            *_stopped(raw),
             "",
             f"FitNet-style plain networks (3x3 convs and ReLU in three stages of widths "
             f"{w[0]}, {w[1]}, {w[2]}, a 2x2 max pool after each, then a linear layer of "
             f"{settings['hidden']} and the classifier; no normalization, no skip connection) "
             f"of depth {', '.join(map(str, settings['depths']))} (weight layers), on MNIST and "
             f"Fashion-MNIST resized to {settings['size']}x{settings['size']}. Data-driven inits "
-            f"see the {raw['train_count']} training samples the training uses; test accuracy "
+            f"see the {raw['train_count']} training samples the minibatches are drawn from "
+            f"({settings['steps'] * settings['batch']} drawn in a run); test accuracy "
             f"is over {raw['test_count']} test samples. Each init is trained with SGD "
             f"(momentum {settings['momentum']}, minibatch {settings['batch']}, no weight "
             f"decay, no schedule) for {settings['steps']} steps at every learning rate of the "
@@ -380,7 +383,14 @@ def render(raw: dict, out: Path | None) -> str:
 
 
 def _command(settings: dict) -> str:
-    return "python benchmarks/deep.py" + (" --quick" if settings["quick"] else "") + " --write"
+    """The command line that reproduces these settings (paths left out)."""
+    default = DeepSettings.make(settings["quick"]).record()
+    flags = ["--quick"] if settings["quick"] else []
+    if settings["steps"] != default["steps"]:
+        flags.append(f"--steps {settings['steps']}")
+    if list(settings["seeds"]) != list(default["seeds"]):
+        flags.append(f"--seeds {len(settings['seeds'])}")
+    return " ".join(["python benchmarks/deep.py", *flags, "--write"])
 
 
 def _findings(b: dict, settings: dict) -> list[str]:
@@ -389,6 +399,8 @@ def _findings(b: dict, settings: dict) -> list[str]:
     for d in DATASETS:
         for depth in settings["depths"]:
             inits = [i for (dd, dp, i) in b if dd == d and dp == depth]
+            if not inits:  # a run stopped before it
+                continue
             s = {i: b[d, depth, i] for i in inits}
             ranked = sorted(inits, key=lambda i: -s[i]["acc_mean"])
             ours = [i for i in inits if i.startswith("ours")]
@@ -469,9 +481,33 @@ def _plot(plt, raw: dict, b: dict):
             ax.set_yscale("log")
             ax.set_title(f"{d}, depth {depth}: training loss at the best lr")
             ax.set_xlabel("SGD step")
-            ax.legend(fontsize=6)
+            if ax.lines[1:]:  # more than the chance line
+                ax.legend(fontsize=6)
     fig.suptitle("Training loss, mean over seeds (black: ln 10, equal logits)")
     return fig
+
+
+def _stopped(raw: dict) -> list[str]:
+    """A paragraph on what did not run, for a report from a run stopped early."""
+    if not raw.get("partial"):
+        return []
+    s = raw["settings"]
+    planned = len(DATASETS) * len(s["depths"]) * len(s["inits"]) * len(s["seeds"])
+    done = len(raw["runs"]) // len(s["lrs"])
+    seeds = sorted({r["seed"] for r in raw["runs"]})
+    return [
+        "",
+        f"**This run was stopped before it finished** (time limit on a shared machine): "
+        f"{done} of {planned} (dataset, depth, init, seed) configurations ran, seeds "
+        f"{', '.join(map(str, seeds))} begun, seeds the outer loop; the tables count, per "
+        "row, the seeds that ran (the *started* / *diverged* columns say how many).",
+    ]
+
+
+def _rendered(raw: dict) -> str:
+    if "rendered" not in raw:
+        return ""
+    return f" (this text rendered from those numbers at commit {raw['rendered']})"
 
 
 def _machine() -> dict:
@@ -511,6 +547,8 @@ def main(quick, data_root, write, out, seeds, steps, render_from):
     """Train deep thin plain networks from each init; write deep.md and its plot."""
     if render_from is not None:
         raw = json.loads(render_from.read_text())
+        raw["rendered"] = _machine()["commit"]  # the report's text, from the same numbers
+        raw["partial"] = render_from.name == "deep.partial.json"
         out = (out or render_from.parent).resolve()
         out.mkdir(parents=True, exist_ok=True)
         (out / "deep.md").write_text(render(raw, out) + "\n")

@@ -271,8 +271,8 @@ def render(raw: dict, out: Path | None) -> str:
             f"Written by `python benchmarks/samples.py{' --quick' if settings['quick'] else ''}"
             f" --write` ({'quick mode: a smoke test' if settings['quick'] else 'full mode'}) on "
             f"{m['date (UTC)']} at commit {m['commit']}, {m['cpu']}, {settings['threads']} "
-            f"torch thread, {raw['seconds'] / 60:.1f} min. Every number and sentence below is "
-            "computed from this run (raw values in `samples.json`).",
+            f"torch thread, {raw['seconds'] / 60:.1f} min{_rendered(raw)}. Every number and "
+            "sentence below is computed from this run (raw values in `samples.json`).",
             "",
             f'Fashion-MNIST. The "full" training set per model ({sizes}); '
             "for the larger models it is the first part of the training split, not all "
@@ -315,10 +315,12 @@ def _findings(raw: dict) -> list[str]:
             f"(worst |std−1| {max(train['full'].values()):.1e}); its split gap is "
             f"{max(g.values()):.1e} at the worst layer, {gmed:.1e} at the median one."
         )
+        beyond = {}  # random N -> layers where it is worse than full by more than the gap
         for label in test:
             if not label.startswith("random"):
                 continue
             worse = [k for k in model["layers"] if test[label][k] > test["full"][k] + g[k]]
+            beyond[int(label.split()[1])] = len(worse)
             ratio = statistics.median(
                 test[label][k] / max(test["full"][k], 1e-12) for k in model["layers"]
             )
@@ -347,19 +349,52 @@ def _findings(raw: dict) -> list[str]:
         means = layer_errors(model, "mean", "test")
         if means["full"]:
             line += (
-                f" Worst |mean| on the test split ({len(means['full'])} layers with a bias): "
+                f" Worst |mean| on the test split ({_layers(len(means['full']))} with a bias): "
                 f"full solve {max(means['full'].values()):.1e}, split gap "
                 f"{max(gap(model, 'mean').values()):.1e}"
                 + "".join(f", {k} {max(v.values()):.1e}" for k, v in means.items() if k != "full")
                 + "."
             )
+        line += " " + _verdict(beyond, n_layers, model["train_count"])
         lines.append(line)
     return lines
 
 
+def _layers(n: int) -> str:
+    return f"{n} layer" + ("s" if n != 1 else "")
+
+
+def _verdict(beyond: dict[int, int], n_layers: int, full: int) -> str:
+    """Up to which random sample size the full set is measurably better, from which on not."""
+    worse = [n for n, k in beyond.items() if k]
+    within = [n for n, k in beyond.items() if not k and n > max(worse, default=0)]
+    if not beyond:
+        return "No random sample size below the full set was run."
+    if not worse:
+        return (
+            f"**Verdict:** every random sample tried ({', '.join(map(str, beyond))}) is within "
+            "the split gap of the full solve at every layer on the test split: here the full "
+            "set buys nothing held-out data can see."
+        )
+    text = (
+        f"**Verdict:** the full set is measurably better (beyond the split gap on the test "
+        f"split) than a random sample of {max(worse)} at {_layers(beyond[max(worse)])} of "
+        f"{n_layers}"
+    )
+    if within:
+        return text + (
+            f"; from {min(within)} random samples on, the sample is within the split gap at "
+            "every layer and the full set buys nothing held-out data can see."
+        )
+    return text + (
+        f"; {max(worse)} is the largest random sample tried (the full set here is {full}), "
+        "so no sample size was found at which a sample is within the gap at every layer."
+    )
+
+
 def _plot(plt, raw: dict):
     models = raw["models"]
-    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 8), squeeze=False)
+    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 9), squeeze=False)
     for col, (name, model) in enumerate(models.items()):
         for row, metric in enumerate(METRICS):
             ax = axes[row][col]
@@ -380,7 +415,14 @@ def _plot(plt, raw: dict):
             ax.set_xlabel("samples the solve used (rightmost: full)")
             ax.legend(fontsize=7)
     fig.suptitle("Worst layer's error after a solve on N samples (random: mean over seeds)")
+    fig.subplots_adjust(hspace=0.35)
     return fig
+
+
+def _rendered(raw: dict) -> str:
+    if "rendered" not in raw:
+        return ""
+    return f" (this text rendered from those numbers at commit {raw['rendered']})"
 
 
 def _machine() -> dict:
@@ -406,8 +448,23 @@ def _machine() -> dict:
 @click.option("--write", is_flag=True, help="Write samples.md, samples.json and samples.png.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Where --write writes [default: benchmarks/, or quick/ in it].")  # fmt: skip
-def main(quick, data_root, write, out):
+@click.option(
+    "--render",
+    "render_from",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Measure nothing: write samples.md and samples.png from this samples.json "
+    "(into --out, or its folder).",
+)
+def main(quick, data_root, write, out, render_from):
     """Solve on N samples against the full set; measure every layer on both splits."""
+    if render_from is not None:
+        raw = json.loads(render_from.read_text())
+        raw["rendered"] = _machine()["commit"]  # the report's text, from the same numbers
+        out = (out or render_from.parent).resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "samples.md").write_text(render(raw, out) + "\n")
+        click.echo(out / "samples.md")
+        return
     settings = SampleSettings.make(quick)
     t = time.perf_counter()
     raw = {"machine": _machine(), "settings": settings.record()}
