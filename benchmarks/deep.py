@@ -394,8 +394,9 @@ def _command(settings: dict) -> str:
 
 
 def _findings(b: dict, settings: dict) -> list[str]:
-    n = len(settings["seeds"])
     lines = ["What it shows:", ""]
+    verdicts: dict[str, list[str]] = {"ahead": [], "within": [], "behind": []}
+    sample_wins: list[str] = []
     for d in DATASETS:
         for depth in settings["depths"]:
             inits = [i for (dd, dp, i) in b if dd == d and dp == depth]
@@ -412,17 +413,21 @@ def _findings(b: dict, settings: dict) -> list[str]:
                 bo = min(ours, key=ranked.index)
                 bx = min(others, key=ranked.index)
                 gap = 100 * (s[bo]["acc_mean"] - s[bx]["acc_mean"])
-                se = 100 * math.sqrt((s[bo]["acc_std"] ** 2 + s[bx]["acc_std"] ** 2) / n)
+                se = 100 * math.sqrt(
+                    s[bo]["acc_std"] ** 2 / s[bo]["seeds"] + s[bx]["acc_std"] ** 2 / s[bx]["seeds"]
+                )
                 line += (
                     f" Our best, `{bo}`, is {abs(gap):.2f} points "
                     f"{'ahead of' if gap >= 0 else 'behind'} the best other init `{bx}`"
                 )
-                if n > 1:
+                if min(s[bo]["seeds"], s[bx]["seeds"]) > 1:
                     noise = abs(gap) <= 2 * se
                     line += (
-                        f" (standard error of the difference {se:.2f} over {n} seeds: "
+                        f" (standard error of the difference {se:.2f}: "
                         f"{'within' if noise else 'beyond'} two standard errors)."
                     )
+                    where = "within" if noise else ("ahead" if gap > 0 else "behind")
+                    verdicts[where].append(f"{d} depth {depth}")
                 else:
                     line += " (one seed: no spread to compare with)."
             dead = [i for i in inits if s[i]["never_started"] + s[i]["diverged"]]
@@ -452,7 +457,28 @@ def _findings(b: dict, settings: dict) -> list[str]:
                     f"{_pct(f_acc)} % against {_pct(sm_acc)} % "
                     f"({100 * (f_acc - sm_acc):+.2f} points)."
                 )
+                if sm_acc > f_acc:
+                    sample_wins.append(f"{d} depth {depth}")
             lines.append(line)
+    judged = sum(len(v) for v in verdicts.values())
+    if judged:
+        lines.append(
+            f"- Overall, over the {judged} (dataset, depth) settings with several seeds: our "
+            f"best init is ahead of the best other init by more than two standard errors in "
+            f"{len(verdicts['ahead'])} ({', '.join(verdicts['ahead']) or 'none'}), within two "
+            f"standard errors in {len(verdicts['within'])} "
+            f"({', '.join(verdicts['within']) or 'none'}) and behind by more in "
+            f"{len(verdicts['behind'])} ({', '.join(verdicts['behind']) or 'none'}). A random "
+            f"1k or 10k sample scores higher (mean over seeds) than the full split in "
+            f"{len(sample_wins)} ({', '.join(sample_wins) or 'none'}): there, at this "
+            "budget, the exactness of the full-split statistics bought no accuracy."
+            if sample_wins
+            else f"- Overall, over the {judged} (dataset, depth) settings with several seeds: "
+            f"our best init is ahead of the best other init by more than two standard errors "
+            f"in {len(verdicts['ahead'])}, within two in {len(verdicts['within'])}, behind by "
+            f"more in {len(verdicts['behind'])}; the full split scores at least as high as "
+            "its best random sample in every setting."
+        )
     return lines
 
 
