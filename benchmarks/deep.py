@@ -55,6 +55,8 @@ CHANCE = math.log(NUM_CLASSES)  # the loss of equal logits
 STARTED = 0.95 * CHANCE
 RUNNING = 10
 WINDOWS = 25  # loss-curve points per run
+#: "Collapsed": started, then ended at no better than this test accuracy (chance is 0.1).
+COLLAPSED = 0.15
 
 #: The inits, in table order: the training section's, plus ours on random samples.
 INITS: dict[str, baselines.Init] = {
@@ -276,6 +278,10 @@ def _stats(runs: list[dict]) -> dict:
         "started": len(started),
         "diverged": sum(r["diverged"] for r in runs),
         "never_started": sum(r["started"] is None and not r["diverged"] for r in runs),
+        "collapsed": sum(
+            r["started"] is not None and not r["diverged"] and r["test_acc"] <= COLLAPSED
+            for r in runs
+        ),
         "seeds": len(runs),
     }
 
@@ -318,12 +324,13 @@ def render(raw: dict, out: Path | None) -> str:
             f"{s['started']}/{s['seeds']}",
             f"{s['diverged']}/{s['seeds']}",
             f"{s['never_started']}/{s['seeds']}",
+            f"{s['collapsed']}/{s['seeds']}",
         ]
         for (d, depth, i), s in b.items()
     ]
     header = ["dataset", "depth", "init", "best lr", "test acc % (mean)", "std", "min–max",
               "final train loss", "steps to below chance (median)", "started",
-              "diverged", "never started"]  # fmt: skip
+              "diverged", "never started", "collapsed"]  # fmt: skip
     lrs = settings["lrs"]
     grid_rows = [
         [d, depth, f"`{i}`"]
@@ -367,7 +374,8 @@ def render(raw: dict, out: Path | None) -> str:
             f"mean loss of the last {RUNNING} steps is below 0.95 ln 10 = {STARTED:.3f} "
             "(median over the seeds that got there); *never started*: runs that did not, "
             "within the budget, and did not diverge; *diverged*: a non-finite loss (scored "
-            "as 10 % accuracy).",
+            "as 10 % accuracy); *collapsed*: runs that got below chance, then ended at "
+            f"{100 * COLLAPSED:.0f} % test accuracy or less.",
             "",
             table(header, rows, right=3),
             "",
@@ -430,14 +438,22 @@ def _findings(b: dict, settings: dict) -> list[str]:
                     verdicts[where].append(f"{d} depth {depth}")
                 else:
                     line += " (one seed: no spread to compare with)."
-            dead = [i for i in inits if s[i]["never_started"] + s[i]["diverged"]]
+            dead = [
+                i for i in inits if s[i]["never_started"] + s[i]["diverged"] + s[i]["collapsed"]
+            ]
             if dead:
-                line += " Runs that never started or diverged at the best rate: " + ", ".join(
-                    f"`{i}` {s[i]['never_started'] + s[i]['diverged']}/{s[i]['seeds']}"
-                    for i in dead
-                ) + "."  # fmt: skip
+                failed = {
+                    i: s[i]["never_started"] + s[i]["diverged"] + s[i]["collapsed"] for i in dead
+                }
+                line += (
+                    " Runs that never started, diverged or collapsed at the best rate: "
+                    + ", ".join(f"`{i}` {k}/{s[i]['seeds']}" for i, k in failed.items())
+                    + "."
+                )
             else:
-                line += " Every init started and none diverged at its best rate."
+                line += (
+                    " Every run of every init started, none diverged or collapsed at its best rate."
+                )
             fast = [i for i in inits if s[i]["started_median"] is not None]
             if fast:
                 first = min(fast, key=lambda i: s[i]["started_median"])
@@ -510,6 +526,7 @@ def _plot(plt, raw: dict, b: dict):
             if ax.lines[1:]:  # more than the chance line
                 ax.legend(fontsize=6)
     fig.suptitle("Training loss, mean over seeds (black: ln 10, equal logits)")
+    fig.subplots_adjust(hspace=0.3)
     return fig
 
 

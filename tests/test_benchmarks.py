@@ -248,7 +248,7 @@ def test_deep_reports_every_init_with_accuracy_start_and_divergence(deep):
         number(r["final train loss"])
         cell = r["steps to below chance (median)"]
         assert cell == "never" or 1 <= number(cell) <= raw["settings"]["steps"]
-        for column in ("started", "diverged", "never started"):
+        for column in ("started", "diverged", "never started", "collapsed"):
             done, seeds = map(int, r[column].split("/"))
             assert 0 <= done <= seeds == len(raw["settings"]["seeds"])
     grid = table_with(text, f"lr {lrs[0]}: test acc %")
