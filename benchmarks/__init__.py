@@ -9,4 +9,8 @@ compared live in ``baselines.py``, the child process that times and sizes one so
 ``python benchmarks/zoo.py [--quick] [--write]`` is separate: it solves every torchvision
 classifier (up to 150M parameters), a few timm models and two small transformers, checks
 each in float64 and writes ``zoo.md`` and ``zoo.json`` (see ``zoo.py``).
+
+``python benchmarks/deep.py`` and ``python benchmarks/samples.py`` (``[--quick] [--write]``)
+are separate too: deep thin plain networks trained from every init (``deep.md``), and how
+far a solve on N samples leaves each layer from the full set's (``samples.md``).
 """

@@ -145,15 +145,18 @@ def naive_full(model: nn.Module, src: Source, *, seed: int, work: Path) -> nn.Mo
     return naive_full_(model, src)
 
 
-def ours(mode: str) -> Callable[..., nn.Module]:
-    """lsuv-pipeline's exact solve over the whole training split ``src``.
+def ours(mode: str, samples: int | None = None) -> Callable[..., nn.Module]:
+    """lsuv-pipeline's exact solve over the whole training split ``src``, or over
+    ``samples`` of its samples drawn uniformly without replacement under the run's seed.
 
     The store goes to ``work`` (replaced if a store of the same name is there).
     """
 
     def init(model: nn.Module, src: Source, *, seed: int, work: Path) -> nn.Module:
-        config = RunConfig(dataset=src.name, mode=mode, verify=False, seed=seed)
-        out = work / f"ours-{mode}-{src.name}-{src.count}-seed{seed}.zarr"
+        config = RunConfig(dataset=src.name, mode=mode, verify=False, seed=seed,
+                           sample=samples, sample_seed=seed)  # fmt: skip
+        size = src.count if samples is None else f"{samples}of{src.count}"
+        out = work / f"ours-{mode}-{src.name}-{size}-seed{seed}.zarr"
         compute(config, out, model=model, data=src, device="cpu", overwrite=True)
         return model
 

@@ -35,6 +35,12 @@ from benchmarks import cost, quality, scaling, training  # noqa: E402
 from benchmarks.common import Settings, load_average, log, machine, table  # noqa: E402
 
 SECTIONS = {"cost": cost, "quality": quality, "training": training, "scaling": scaling}
+#: Where the evidence at the paper's scale is (separate scripts, their own reports).
+DEEPER = (
+    "Deep thin plain networks (depth 11 and 19) trained from every init: [deep.md](deep.md) "
+    "(`benchmarks/deep.py`). How many samples a solve needs, per layer, for mj, resnet18 "
+    "and a small ViT: [samples.md](samples.md) (`benchmarks/samples.py`)."
+)
 
 
 def _require() -> None:
@@ -148,6 +154,8 @@ def _head(settings: Settings, info: dict, seconds: dict) -> str:
             "findings below is computed from this run's measurements (raw values in "
             "`results.json`). The machine is shared and its timings noisy: times are "
             "reported as ratios of runs made side by side, medians over repeats.",
+            "",
+            DEEPER,
             "",
             table(["machine", ""], rows, right=2),
         ]

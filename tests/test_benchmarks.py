@@ -244,3 +244,95 @@ def test_the_device_benchmark_runs_its_cpu_fallback_and_fills_its_table(data_roo
         assert row["syncs / batch"] == "n/a (CPU)" and "CPU fallback" in text
     else:
         assert number(row["syncs / batch"]) >= 0
+
+
+# -- deep thin networks and the sample-size study (their own scripts and reports) -----------
+
+DEEP_INITS = ["default", "kaiming", "seed-lsuv-256", "ours-tensor", "ours-channel-1k"]
+SAMPLE_MODELS = ["mj", "resnet18", "vit"]
+SAMPLE_LABELS = ["random 100", "full", "sorted 100"]
+
+
+def _script(name: str, data_root, out: Path) -> Path:
+    command = [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--quick", "--write",
+               "--data-root", str(data_root), "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def deep(data_root, tmp_path_factory) -> Path:
+    return _script("deep", data_root, tmp_path_factory.mktemp("deep"))
+
+
+@pytest.fixture(scope="module")
+def samples(data_root, tmp_path_factory) -> Path:
+    return _script("samples", data_root, tmp_path_factory.mktemp("samples"))
+
+
+def _images_exist(folder: Path, markdown: str) -> None:
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert images
+    for image in images:
+        assert (folder / image).is_file(), image
+
+
+def test_deep_reports_every_init_with_accuracy_start_and_divergence(deep):
+    text = (deep / "deep.md").read_text()
+    _images_exist(deep, text)
+    raw = json.loads((deep / "deep.json").read_text())
+    lrs = raw["settings"]["lrs"]
+    assert len(lrs) >= 2
+    rows = table_with(text, "steps to below chance (median)")
+    assert [(r["dataset"], r["init"].strip("`")) for r in rows] == [
+        (d, i) for d in DATASETS for i in DEEP_INITS
+    ]
+    for r in rows:
+        assert 0 <= number(r["test acc % (mean)"]) <= 100
+        assert float(r["best lr"]) in lrs
+        number(r["final train loss"])
+        cell = r["steps to below chance (median)"]
+        assert cell == "never" or 1 <= number(cell) <= raw["settings"]["steps"]
+        for column in ("started", "diverged", "never started", "collapsed"):
+            done, seeds = map(int, r[column].split("/"))
+            assert 0 <= done <= seeds == len(raw["settings"]["seeds"])
+    grid = table_with(text, f"lr {lrs[0]}: test acc %")
+    assert len(grid) == len(rows)
+    for r in grid:
+        for lr in lrs:
+            assert 0 <= number(r[f"lr {lr}: test acc %"]) <= 100
+    assert "What it shows:" in text and text.count("- mnist, depth") == 1
+
+
+def test_samples_reports_every_model_solve_and_layer_on_both_splits(samples):
+    text = (samples / "samples.md").read_text()
+    _images_exist(samples, text)
+    raw = json.loads((samples / "samples.json").read_text())
+    worst = table_with(text, "max abs(std−1) test")
+    assert [(r["model"], r["solved on"]) for r in worst] == [
+        (m, label) for m in SAMPLE_MODELS for label in SAMPLE_LABELS
+    ]
+    for r in worst:
+        for column in ("max abs(std−1) train", "max abs(std−1) test"):
+            assert number(r[column]) >= 0
+        if r["solved on"] == "full":  # exact on the set it solved
+            assert number(r["max abs(std−1) train"]) < 1e-4
+    for model in SAMPLE_MODELS:
+        layers = raw["models"][model]["layers"]
+        assert layers
+        for metric, split in (("abs(std−1)", "train"), ("abs(std−1)", "test"),
+                              ("abs(mean)", "train"), ("abs(mean)", "test")):  # fmt: skip
+            where = "set" if split == "train" else "split"
+            section = text.split(f"{metric} over the {split} {where}, {model} (mean", 1)[1]
+            rows = tables(section)[0]
+            expected = (
+                layers
+                if metric == "abs(std−1)"
+                else [k for k in layers if raw["models"][model]["bias"][k]]
+            )
+            assert [r["layer"] for r in rows] == expected
+            for r in rows:
+                for column in [*SAMPLE_LABELS, "split gap"]:
+                    assert number(r[column]) >= 0
+    assert text.count("- vit (") == 1 and "- resnet18 (" in text
