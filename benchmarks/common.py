@@ -27,12 +27,23 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+import click
 import torch
 from torch import nn
 
 from lsuv_pipeline.data import DatasetSpec, Source, open_source
 
 REPO = Path(__file__).resolve().parents[1]
+
+#: The ``--data-root`` option of every benchmark script.
+DATA_ROOT = click.option(
+    "--data-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    envvar="LSUV_DATA_ROOT",
+    default=REPO / "data",
+    show_default="$LSUV_DATA_ROOT, else data/",
+    help="Folder with MNIST and Fashion-MNIST in torchvision's layout.",
+)
 
 
 @dataclass(frozen=True, kw_only=True)

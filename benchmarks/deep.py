@@ -45,7 +45,16 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from benchmarks import baselines  # noqa: E402
-from benchmarks.common import code_commit, cpu_model, figure, labels, load_average, log, table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    DATA_ROOT,
+    code_commit,
+    cpu_model,
+    figure,
+    labels,
+    load_average,
+    log,
+    table,
+)
 from lsuv_pipeline.data import DatasetSpec, open_source  # noqa: E402
 
 DATASETS = ("mnist", "fashion-mnist")
@@ -565,14 +574,7 @@ def _machine() -> dict:
 
 @click.command()
 @click.option("--quick", is_flag=True, help="Small sizes: a smoke test.")
-@click.option(
-    "--data-root",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    envvar="LSUV_DATA_ROOT",
-    default=REPO / "data",
-    show_default="$LSUV_DATA_ROOT, else data/",
-    help="Folder with MNIST and Fashion-MNIST in torchvision's layout.",
-)
+@DATA_ROOT
 @click.option("--write", is_flag=True, help="Write deep.md, deep.json and deep.png "
               "(and deep.partial.json, the runs so far, while it runs).")  # fmt: skip
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),

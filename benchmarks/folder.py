@@ -40,7 +40,7 @@ import time  # noqa: E402
 import click  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import code_commit, cpu_model, load_average, log, median, table  # noqa: E402
+from benchmarks.common import DATA_ROOT, code_commit, cpu_model, load_average, log, median, table  # noqa: E402
 from lsuv_pipeline import RunConfig, compute  # noqa: E402
 from lsuv_pipeline.data import DatasetSpec, open_source  # noqa: E402
 from lsuv_pipeline.data.loading import default_workers  # noqa: E402
@@ -192,14 +192,7 @@ def render(raw: dict, sizes: dict, command: str) -> str:
 
 @click.command()
 @click.option("--quick", is_flag=True, help="A smoke test: few small images, one repeat.")
-@click.option(
-    "--data-root",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    envvar="LSUV_DATA_ROOT",
-    default=REPO / "data",
-    show_default="$LSUV_DATA_ROOT, else data/",
-    help="Folder with Fashion-MNIST in torchvision's layout.",
-)
+@DATA_ROOT
 @click.option("--write", is_flag=True, help="Write folder.md and folder.json (else print only).")
 @click.option(
     "--out",

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks import zoo  # noqa: E402
-from benchmarks.common import code_commit, cpu_model, log, median, store_digest, table  # noqa: E402
+from benchmarks.common import DATA_ROOT, code_commit, cpu_model, log, median, store_digest, table  # noqa: E402
 from lsuv_pipeline import RunConfig, compute  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -155,15 +155,15 @@ def render(res: dict) -> str:
 
 
 @click.command()
-@click.option("--data-root", default="../shared/data", show_default=True)
+@DATA_ROOT
 @click.option("--quick", is_flag=True, help="512 images, one repeat.")
 @click.option("--samples", default=4096, show_default=True)
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--write", is_flag=True, help="Write gpu.md and gpu.json here.")
-def main(data_root: str, quick: bool, samples: int, repeats: int, write: bool) -> None:
+def main(data_root: Path, quick: bool, samples: int, repeats: int, write: bool) -> None:
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
-    res = measure(Path(data_root), 512 if quick else samples, 1 if quick else repeats)
+    res = measure(data_root, 512 if quick else samples, 1 if quick else repeats)
     res["commit"] = code_commit(["gpu.md", "gpu.json"])
     text = render(res)
     click.echo(text)

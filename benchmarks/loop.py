@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-from benchmarks.common import code_commit, cpu_model, log, median, table, version  # noqa: E402
+from benchmarks.common import DATA_ROOT, code_commit, cpu_model, log, median, table, version  # noqa: E402
 from benchmarks.quality import layer_stats  # noqa: E402
 from lsuv_pipeline import lsuv_  # noqa: E402
 from lsuv_pipeline.data import source_from  # noqa: E402
@@ -69,7 +69,7 @@ def forward(model: nn.Module, loader: DataLoader) -> nn.Module:
 METHODS = {"lsuv_pipeline.lsuv_": ours, "lsuv (PyPI)": pypi, "forward epoch": forward}
 
 
-def measure(root: str, count: int, repeats: int) -> dict:
+def measure(root: str | Path, count: int, repeats: int) -> dict:
     from torchvision import datasets, transforms
 
     train = datasets.FashionMNIST(root, train=True, transform=transforms.ToTensor())
@@ -122,11 +122,11 @@ def render(res: dict) -> str:
 
 
 @click.command()
-@click.option("--data-root", default="../shared/data", show_default=True)
+@DATA_ROOT
 @click.option("--quick", is_flag=True, help="1000 images, one repeat.")
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--write", is_flag=True, help="Write loop.md and loop.json here.")
-def main(data_root: str, quick: bool, repeats: int, write: bool) -> None:
+def main(data_root: Path, quick: bool, repeats: int, write: bool) -> None:
     torch.set_num_threads(1)
     res = measure(data_root, 1000 if quick else 10000, 1 if quick else repeats)
     res.update(commit=code_commit(["loop.md", "loop.json"]), cpu=cpu_model())

@@ -32,7 +32,7 @@ import time  # noqa: E402
 import click  # noqa: E402
 
 from benchmarks import cost, quality, scaling, training  # noqa: E402
-from benchmarks.common import Settings, load_average, log, machine, table  # noqa: E402
+from benchmarks.common import DATA_ROOT, Settings, load_average, log, machine, table  # noqa: E402
 
 SECTIONS = {"cost": cost, "quality": quality, "training": training, "scaling": scaling}
 #: Where the evidence at the paper's scale is (separate scripts, their own reports).
@@ -164,14 +164,7 @@ def _head(settings: Settings, info: dict, seconds: dict) -> str:
 
 @click.command()
 @click.option("--quick", is_flag=True, help="Small subsets and one repeat: a smoke test.")
-@click.option(
-    "--data-root",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    envvar="LSUV_DATA_ROOT",
-    default=REPO / "data",
-    show_default="$LSUV_DATA_ROOT, else data/",
-    help="Folder with MNIST and Fashion-MNIST in torchvision's layout.",
-)
+@DATA_ROOT
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),

@@ -49,7 +49,16 @@ import click  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import code_commit, cpu_model, figure, labels, load_average, log, table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    DATA_ROOT,
+    code_commit,
+    cpu_model,
+    figure,
+    labels,
+    load_average,
+    log,
+    table,
+)
 from benchmarks.quality import layer_stats  # noqa: E402
 from benchmarks.zoo import TinyEncoder, float64_check  # noqa: E402
 from lsuv_pipeline import RunConfig, compute, mj  # noqa: E402
@@ -437,14 +446,7 @@ def _machine() -> dict:
 
 @click.command()
 @click.option("--quick", is_flag=True, help="Small sizes: a smoke test.")
-@click.option(
-    "--data-root",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    envvar="LSUV_DATA_ROOT",
-    default=REPO / "data",
-    show_default="$LSUV_DATA_ROOT, else data/",
-    help="Folder with MNIST and Fashion-MNIST in torchvision's layout.",
-)
+@DATA_ROOT
 @click.option("--write", is_flag=True, help="Write samples.md, samples.json and samples.png.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Where --write writes [default: benchmarks/, or quick/ in it].")  # fmt: skip

@@ -54,7 +54,7 @@ from torch.nn import functional as F  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
-from benchmarks.common import code_commit, cpu_model, load_average, log, table, version  # noqa: E402
+from benchmarks.common import DATA_ROOT, code_commit, cpu_model, load_average, log, table, version  # noqa: E402
 from lsuv_pipeline import OffTarget, RunConfig, compute, mj  # noqa: E402
 from lsuv_pipeline.coverage import NORMS  # noqa: E402
 from lsuv_pipeline.data import DatasetSpec, open_source  # noqa: E402
@@ -686,14 +686,7 @@ def _machine() -> dict:
     type=click.IntRange(min=2),
     help="Fashion-MNIST training images per model [default: 256; 64 with --quick].",
 )
-@click.option(
-    "--data-root",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    envvar="LSUV_DATA_ROOT",
-    default=REPO / "data",
-    show_default="$LSUV_DATA_ROOT, else data/",
-    help="Folder with Fashion-MNIST in torchvision's layout.",
-)
+@DATA_ROOT
 @click.option("--write", is_flag=True, help="Write zoo.md and zoo.json (else print only).")
 @click.option(
     "--out",
