@@ -157,9 +157,9 @@ def test_the_cli_under_torchrun_writes_the_store_of_one_process(tmp_path, data_r
     from lsuv_pipeline import open_run
 
     args = ["compute", "--dataset", "mnist", "--limit", "4096", "--shard-size", "1024",
-            "--holdout", "none", "--device", "cpu", "--data-root", str(data_root),
-            "-q"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            "--holdout", "none", "--device", "cpu", "-q"]  # fmt: skip
+    root = str(Path(data_root).resolve())  # the runs' working folder is tmp_path
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LSUV_DATA_ROOT": root}
     one = subprocess.run([sys.executable, "-m", "lsuv_pipeline", *args, "--out", "one.zarr"],
                          cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
     assert one.returncode == 0, one.stderr[-2000:]
