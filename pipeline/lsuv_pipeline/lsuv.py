@@ -89,6 +89,8 @@ class LayerLoop:
     #: Updates of the layers solved so far, in forward order. The model keeps its initial
     #: weights until the end; passes map solved layers' outputs instead.
     solutions: dict[str, Solution] = field(default_factory=dict)
+    #: The running estimate of the last pass of a one-pass layer, written with its commit.
+    _estimate: running.Running | None = None
 
     @property
     def layers(self) -> list[LayerInfo]:
@@ -156,7 +158,10 @@ class LayerLoop:
                 [len(shard) for shard, _ in shards],
                 mode=self.setup.config.mode,
             )
-            store.write_running(info.name, estimate)
+            if info.dependent:  # before its pass is recorded: a resumed refinement has it
+                store.write_running(info.name, estimate)
+            else:  # written once the layer solves: a layer that cannot leaves nothing
+                self._estimate = estimate
         if info.dependent:
             store.write_pass(info.name, index, tuple(calls))
         return calls
@@ -173,6 +178,9 @@ class LayerLoop:
         first = calls[0] if info.dependent else before
         rule = {"mode": config.mode, "target_std": config.target_std, "has_bias": has_bias}
         solution = solve(first, layer=info.name, **rule)
+        if self._estimate is not None:
+            self.setup.store.write_running(info.name, self._estimate)
+            self._estimate = None
         dead = dead_channels(before)
         if dead:
             self._note_dead(info.name, dead, before.channels)
