@@ -215,3 +215,42 @@ def test_the_cache_traces_the_eval_mode_forward(tmp_path, data_root):
     assert not any("activation cache off" in n for n in notes)
     assert_same_bytes(on, off)
     assert "aux" not in zarr.open_group(str(on), mode="r")["layers"]
+
+
+class Residual(nn.Module):
+    """Layer ``a``'s output is read again after layer ``b``: it stays in the cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.b(F.relu(y))
+        return self.fc((z + y).mean((2, 3)))
+
+
+def test_a_cached_pass_maps_the_cut_in_place():
+    """The update of layer k-1 is applied to its cached output where it lies: no second
+    buffer of the cut's size per batch, and the same values as the out-of-place map."""
+    from lsuv_pipeline.solve import output_map, transform_output
+
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(3, 1, 8, 8)
+    layers = trace(model, x[:2])
+    segments = Segments(model, layers)
+    cpu = torch.device("cpu")
+    sol = Solution(
+        scale=torch.tensor(3.0, dtype=torch.float64), shift=torch.tensor(0.5, dtype=torch.float64)
+    )
+    with torch.inference_mode():
+        _, cut = segments.measure(iter([x]), 0, {}, cpu, None, keep=True)
+        raw = cut.envs[0]["a"]
+        where, expected = raw.data_ptr(), transform_output(raw, output_map(sol, cpu, raw.dtype), 1)
+        _, cut = segments.measure(iter([]), 1, {0: sol}, cpu, cut, keep=True)
+    mapped = cut.envs[0]["a"]
+    assert mapped.data_ptr() == where
+    assert torch.equal(mapped, expected)

@@ -127,8 +127,8 @@ class Segments:
             node = self.nodes[i]
             value = interp.run_node(node)
             k = self.layer_at.get(i)
-            if k is not None and k in solved:
-                value = transform_output(value, solved[k], self.dims[k])
+            if k is not None and k in solved:  # a layer's own, fresh output
+                value = transform_output(value, solved[k], self.dims[k], inplace=_owned(value))
             env[node] = value
             for used in node.all_input_nodes:
                 if self.last_use[used] <= i and used in env:
@@ -178,7 +178,10 @@ class Segments:
             else:
                 env = {self.by_name[name]: t for name, t in env.items()}
                 if prev in env:  # layer k-1 was measured raw: its update applies now
-                    env[prev] = transform_output(env[prev], solved[k - 1], self.dims[k - 1])
+                    raw = env[prev]
+                    env[prev] = transform_output(
+                        raw, solved[k - 1], self.dims[k - 1], inplace=_owned(raw, env)
+                    )
             self._run(env, start, stop, solved)
             acc = mom.merge(acc, mom.from_batch(env[node], dim))
             if self.last_use[node] <= self.positions[k]:
@@ -206,6 +209,21 @@ def _optional_args(model: nn.Module) -> dict[str, object]:
         if p.default is not inspect.Parameter.empty
         and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     }
+
+
+def _owned(value: torch.Tensor, env: dict | None = None) -> bool:
+    """Whether ``value`` may be overwritten by its update: a tensor of its own (not a view),
+    sharing its storage with no other live value of ``env``."""
+    if not isinstance(value, torch.Tensor) or value._base is not None:
+        return False
+    if env is None:
+        return True
+    storage = value.untyped_storage().data_ptr()
+    return not any(
+        t is not value and isinstance(t, torch.Tensor)
+        and t.untyped_storage().data_ptr() == storage
+        for t in env.values()
+    )  # fmt: skip
 
 
 def _drain(state: _ShardState) -> Iterator[tuple[dict, None, int]]:
