@@ -143,6 +143,8 @@ class Segments:
         state: _ShardState | None,
         keep: bool,
         on_batch: Callable[[int], None] | None = None,
+        *,
+        compiled: bool = False,
     ) -> tuple[tuple[mom.Moments, ...], _ShardState | None]:
         """Layer ``k``'s output moments over one shard, from its cached cut if it has one.
 
@@ -154,6 +156,7 @@ class Segments:
             state: The shard's cut after layer ``k - 1`` (else the pass starts from inputs).
             keep: Whether to return the new cut (else it is dropped as the pass goes).
             on_batch: Called with each batch's size as it finishes.
+            compiled: Reduce with the compiled kernel (``moments.from_batch``).
 
         Returns:
             The moments (one call) and the shard's cut after layer ``k`` (or ``None``).
@@ -183,7 +186,7 @@ class Segments:
                         raw, solved[k - 1], self.dims[k - 1], inplace=_owned(raw, env)
                     )
             self._run(env, start, stop, solved)
-            acc = mom.merge(acc, mom.from_batch(env[node], dim))
+            acc = mom.merge(acc, mom.from_batch(env[node], dim, compiled=compiled))
             if self.last_use[node] <= self.positions[k]:
                 del env[node]  # nothing after the layer reads it
             if keep:

@@ -191,6 +191,7 @@ def capture(
     stop_after: Target | None = None,
     forward: ForwardFn | None = None,
     mask: MaskFn | None = None,
+    compiled: bool = False,
 ) -> Iterator[Capture]:
     """Hook ``layers`` so every forward adds their outputs' moments to the capture.
 
@@ -205,6 +206,7 @@ def capture(
         stop_after: End each forward right after this layer's last call of the forward.
         forward: The caller's ``forward_fn(model, batch)`` (``batches.call``).
         mask: The caller's ``mask_fn(batch)``: positions to leave out (``batches.token_mask``).
+        compiled: Reduce with the compiled kernel (``moments.from_batch``).
 
     Yields:
         A :class:`Capture`; call its ``forward`` per batch and read its ``moments``.
@@ -225,7 +227,8 @@ def capture(
                 return
             call = cap._call(name)
             if measure:
-                cap._add(name, call, mom.from_batch(cap.kept(name, out, dim), dim))
+                part = mom.from_batch(cap.kept(name, out, dim), dim, compiled=compiled)
+                cap._add(name, call, part)
             if stop and call + 1 >= cap._stop_calls:
                 raise StopForward
 

@@ -59,6 +59,7 @@ def lsuv_(
     name: str = "data",
     distributed: bool | None = None,
     loader_workers: int | None = None,
+    compile: bool = False,
 ) -> nn.Module:
     """Initialize ``model`` in place with exact LSUV over all of ``data``; return it.
 
@@ -90,6 +91,7 @@ def lsuv_(
             only rank 0 writes ``store``. ``None``: so whenever such a group exists;
             ``False``: this process alone (e.g. one rank initializing, then broadcasting).
         loader_workers: As for ``compute``: threads that load the batches (0: none).
+        compile: Reduce conv outputs with the compiled kernel (``RunConfig.compile``).
 
     Returns:
         ``model``, initialized.
@@ -101,7 +103,8 @@ def lsuv_(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"lsuv_ takes a torch.nn.Module, got {type(model).__name__}")
     config = RunConfig(dataset=name, mode=mode, target_std=target_std, tol=tol, verify=verify,
-                       holdout=None, sample=samples, sample_seed=sample_seed)  # fmt: skip
+                       holdout=None, sample=samples, sample_seed=sample_seed,
+                       compile=compile)  # fmt: skip
     options = dict(model=model, data=fixed_order(data), collate=collate, forward_fn=forward_fn,
                    mask_fn=mask_fn, device=device if device is not None else _device_of(model),
                    progress=_progress(progress), distributed=distributed,

@@ -119,6 +119,7 @@ class LayerLoop:
             functional=any(i.functional for i in self.layers),
             forward=self.setup.forward,
             mask=self.setup.mask,
+            compiled=config.compile,
         )
 
     def layer_pass(

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import batches as B
+from . import compiled
 from .attention import get_layer
 from .batches import ForwardFn, MaskFn
 from .cache import Segments, Uncacheable, parse_size
@@ -76,6 +77,8 @@ class RunResult:
         resumed: The store held an unfinished run that this call continued.
         off_target: Solved layers whose verified statistics miss ``config.tol`` on the
             solve split (``compute`` raises :class:`~.errors.OffTarget` when any do).
+        compile_seconds: Time this call spent compiling its kernel (``config.compile``),
+            before the solve and not in ``seconds``.
     """
 
     path: Path
@@ -87,6 +90,7 @@ class RunResult:
     up_to_date: bool = False
     resumed: bool = False
     off_target: list[str] = field(default_factory=list)
+    compile_seconds: float = 0.0
 
     @property
     def solved(self) -> list[LayerStats]:
@@ -504,6 +508,7 @@ def _solve(run: _Run, store: RunStore | None, ctx: PassContext) -> RunResult:
     """Plan the layers, create or resume the store, run the layer loop and verification."""
     config, model = run.config, run.model
     model.to(run.device)
+    compiling = _compile(run)  # before the store: a machine that cannot build it stops here
     example = B.to_device(run.train.batch(0, min(2, run.train.count)), run.device)
     traced = trace(model, example, run.forward)
     plan = plan_layers(model, traced, include=config.include, exclude=config.exclude,
@@ -558,5 +563,18 @@ def _solve(run: _Run, store: RunStore | None, ctx: PassContext) -> RunResult:
         refresh_weight_norm_(module)
     store.finish()
     rows = with_unsolved(stats, plan.unsolved)
-    result = RunResult(run.out, model, config, rows, loop.passes, seconds, resumed=resumed)
+    result = RunResult(run.out, model, config, rows, loop.passes, seconds, resumed=resumed,
+                       compile_seconds=compiling)  # fmt: skip
     return _checked(result, store.attrs)
+
+
+def _compile(run: _Run) -> float:
+    """Build the compiled kernel before the first pass (``config.compile``); say how long
+    it took. Dask workers build their own on their first shard."""
+    if not run.config.compile or run.device.type != "cpu":
+        return 0.0
+    dtype = model_dtype(run.model) or torch.float32
+    seconds = compiled.prepare(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    if seconds:
+        run.progress.note(f"--compile: the moments kernel compiled in {seconds:.1f} s")
+    return seconds

@@ -66,6 +66,7 @@ class PassPlan:
             the forward's calls through modules (``attention.functional_calls``).
         forward: The caller's ``forward_fn(model, batch)`` (``batches.call``).
         mask: The caller's ``mask_fn(batch)``: token positions the statistics count.
+        compiled: Reduce outputs with the compiled kernel (``RunConfig.compile``).
     """
 
     layers: tuple[LayerInfo, ...]
@@ -77,6 +78,7 @@ class PassPlan:
     functional: bool = False
     forward: ForwardFn | None = None
     mask: MaskFn | None = None
+    compiled: bool = False
 
 
 def measure_shard(
@@ -102,7 +104,12 @@ def measure_shard(
         functional_calls(model) if plan.functional else contextlib.nullcontext(),
         solved_outputs(model, plan.solved),
         capture(
-            model, plan.layers, stop_after=plan.stop_after, forward=plan.forward, mask=plan.mask
+            model,
+            plan.layers,
+            stop_after=plan.stop_after,
+            forward=plan.forward,
+            mask=plan.mask,
+            compiled=plan.compiled,
         ) as cap,  # fmt: skip
         closed_after(batches),
     ):
@@ -169,6 +176,7 @@ class CachedRunner:
                 state,
                 keep,
                 on_batch,
+                compiled=plan.compiled,
             )
         if new is not None:
             self.per_sample = max(self.per_sample, new.nbytes // max(1, len(shard)))

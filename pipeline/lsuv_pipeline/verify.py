@@ -165,7 +165,7 @@ def verify(
                       as_progress(progress))  # fmt: skip
     functional = any(i.functional for i in run.layers)
     plan = PassPlan(tuple(run.layers), None, config.batch_size, functional=functional,
-                    forward=forward_fn, mask=mask_fn)  # fmt: skip
+                    forward=forward_fn, mask=mask_fn, compiled=config.compile)  # fmt: skip
     measured = run_pass(ctx, data, plan, label=f"verify {split}")
     recorded = {s.name: s for s in run.stats()}
     stats, failures = [], []

@@ -155,6 +155,13 @@ __all__ = ["compute"]
     help="Threads that decode the data and read the next batches while one computes "
     "(0: none; default: the cores available, at most 8). Same results for any number.",
 )
+@click.option(
+    "--compile",
+    "compile_",
+    is_flag=True,
+    help="Reduce conv outputs with a kernel built by torch.compile (needs a C++ compiler): "
+    "one read instead of two; the same accuracy, other bits (part of the run's identity).",
+)
 @click.option("--allow-tf32", is_flag=True, help="Let CUDA use TF32 (faster, less reproducible).")
 @click.option(
     "--allow-mixed-hardware",
@@ -224,6 +231,7 @@ def compute(**opts) -> None:
         batch_size=opts["batch_size"],
         shard_size=opts["shard_size"],
         verify=opts["verify"],
+        compile=opts["compile_"],
     )
     out = opts["out"] or f"data/runs/{config.dataset}-{config.model}-{config.mode}.zarr"
     with launched(opts["device"]) as ranks:  # under torchrun: every rank a share
