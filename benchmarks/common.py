@@ -250,13 +250,16 @@ MALLOC_ENV = {
 }
 
 
-def child_env(threads: int) -> dict[str, str]:
-    """Environment of a child process: this checkout importable, ``threads`` threads,
-    :data:`MALLOC_ENV`."""
-    paths = [str(REPO / "pipeline"), str(REPO), os.environ.get("PYTHONPATH", "")]
+def child_env(threads: int, pipeline: Path | None = None, tuned: bool = True) -> dict[str, str]:
+    """Environment of a child process: this checkout importable (its package, or the one
+    in ``pipeline``: another revision's), ``threads`` threads, :data:`MALLOC_ENV` unless
+    ``tuned`` is false (glibc's defaults, as a user's process has them)."""
+    package = str(pipeline) if pipeline is not None else str(REPO / "pipeline")
+    paths = [package, str(REPO), os.environ.get("PYTHONPATH", "")]
+    base = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
     return {
-        **os.environ,
-        **MALLOC_ENV,
+        **base,
+        **(MALLOC_ENV if tuned else {}),
         "PYTHONPATH": os.pathsep.join(p for p in paths if p),
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
@@ -278,14 +281,15 @@ def probe_spec(settings: Settings, **kw) -> dict:
     }
 
 
-def run_probe(spec: dict, threads: int) -> dict:
-    """Run ``probe.py`` on ``spec`` in a fresh process; return the JSON it prints last."""
+def run_probe(spec: dict, threads: int, pipeline: Path | None = None, tuned: bool = True) -> dict:
+    """Run ``probe.py`` on ``spec`` in a fresh process (``child_env``); return the JSON it
+    prints last."""
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.probe", json.dumps(spec)],
         capture_output=True,
         text=True,
         cwd=REPO,
-        env=child_env(threads),
+        env=child_env(threads, pipeline, tuned),
     )
     if proc.returncode != 0:
         raise RuntimeError(f"probe {spec} failed:\n{proc.stderr[-4000:]}")

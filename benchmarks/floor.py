@@ -1,0 +1,235 @@
+"""The floor: mj on full MNIST, one thread, before and after, in units of a forward pass.
+
+Side by side in one run, each measurement a fresh process (``probe.py``) that times its
+method and then one plain no-grad forward pass over the same split; the ratio of the two is
+the measurement. Two revisions of the package are measured: this checkout ("after") and
+``--before`` (extracted with ``git archive`` into a temporary folder), each under glibc's
+default allocator, as a user's process runs, and under the benchmarks' tuned one
+(``common.MALLOC_ENV``), as ``cost.py`` runs. Methods take turns within a repeat, their
+order rotating from one repeat to the next; tables give medians over the repeats.
+
+* ``forward-moments``: one forward pass that reduces every layer's output to moments;
+* ``ours-tensor``: the cached solve, verification off (``result.seconds``);
+* ``ours-default``: the whole default ``compute`` (solve, verification of the training
+  and test splits, writes), timed around the call, the data opened by name as the CLI
+  opens it;
+* ``forward-moments-compiled``, ``ours-compiled``: the same with ``--compile``, whose
+  compile time is reported in its own column and not in the ratio.
+
+    python benchmarks/floor.py [--quick] [--write] [--before REV]
+    python benchmarks/floor.py --render   # floor.md again from floor.json, no measuring
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+for _path in (str(REPO), str(REPO / "pipeline")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import io  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import tarfile  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import click  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    DATA_ROOT,
+    code_commit,
+    cpu_model,
+    load_average,
+    log,
+    median,
+    run_probe,
+    table,
+)
+
+#: The revision measured as "before" by default: main before the floor was lowered.
+BEFORE = "6dae0ed"
+FULL = {"limit": None, "repeats": 3}
+QUICK = {"limit": 1024, "repeats": 1}
+BATCH = 256
+
+#: (revision, allocator, method) in the order of a repeat.
+CASES = (
+    ("before", "default", "forward-moments"),
+    ("after", "default", "forward-moments"),
+    ("after", "default", "forward-moments-compiled"),
+    ("before", "default", "ours-tensor"),
+    ("after", "default", "ours-tensor"),
+    ("after", "default", "ours-compiled"),
+    ("before", "default", "ours-default"),
+    ("after", "default", "ours-default"),
+    ("before", "tuned", "forward-moments"),
+    ("after", "tuned", "forward-moments"),
+    ("before", "tuned", "ours-tensor"),
+    ("after", "tuned", "ours-tensor"),
+)
+
+#: Method -> (what it is, the issue's target ratio).
+TARGETS = {
+    "forward-moments": ("forward + moments of every layer", 1.15),
+    "forward-moments-compiled": ("the same, --compile", 1.15),
+    "ours-tensor": ("cached solve, no verification", 1.3),
+    "ours-compiled": ("the same, --compile", 1.3),
+    "ours-default": ("whole default compute", 3.5),
+}
+
+
+def extract(rev: str, into: Path) -> Path:
+    """The package of revision ``rev`` in ``into``; return its ``pipeline`` folder."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", rev, "pipeline"], capture_output=True, check=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into / "pipeline"
+
+
+def measure(data_root: Path, sizes: dict, before: str) -> dict:
+    runs: dict[str, list[dict]] = {"|".join(c): [] for c in CASES}
+    with tempfile.TemporaryDirectory(prefix="lsuv-floor-") as tmp:
+        work = Path(tmp)
+        packages = {"before": extract(before, work / "before"), "after": None}
+        spec = {"dataset": "mnist", "data_root": str(data_root), "limit": sizes["limit"],
+                "batch_size": BATCH, "threads": 1, "work": str(work), "forward": True}  # fmt: skip
+        for r in range(sizes["repeats"]):
+            turn = r % len(CASES)
+            for case in CASES[turn:] + CASES[:turn]:
+                rev, alloc, method = case
+                log(f"floor: repeat {r + 1}/{sizes['repeats']}: {rev}, {alloc} malloc, {method}")
+                out = run_probe({**spec, "method": method}, 1, packages[rev], alloc == "tuned")
+                runs["|".join(case)].append(out)
+    return {"runs": runs}
+
+
+def _ratio(runs: list[dict]) -> tuple[float, float, float]:
+    ratios = [r["solve_s"] / r["forward_s"] for r in runs]
+    return median(ratios), min(ratios), max(ratios)
+
+
+def summary(raw: dict) -> dict[str, dict]:
+    out = {}
+    for key, runs in raw["runs"].items():
+        ratio, low, high = _ratio(runs)
+        out[key] = {
+            "ratio": ratio,
+            "low": low,
+            "high": high,
+            "solve_s": median([r["solve_s"] for r in runs]),
+            "forward_s": median([r["forward_s"] for r in runs]),
+            "compile_s": median([r.get("compile_s", 0.0) for r in runs]),
+            "runs": len(runs),
+            "digests": sorted({r["digest"] for r in runs if "digest" in r}),
+        }
+    return out
+
+
+def render(raw: dict) -> str:
+    s = summary(raw)
+    sizes = raw["sizes"]
+    lines = [
+        "# The floor: mj on full MNIST, one thread, before and after",
+        "",
+        f"`{raw['command']}`: the MNIST training split"
+        + (f" (first {sizes['limit']})" if sizes["limit"] else " (60000 images)")
+        + f", batches of {BATCH}, torch on 1 thread, each measurement a fresh process timing "
+        "its method and then one plain no-grad forward pass over the split; ratios are "
+        f"method / forward within a process, medians of {sizes['repeats']} interleaved "
+        f"repeat(s). Before: revision `{raw['before']}`; after: commit {raw['commit']}.",
+        "",
+    ]
+    allocators = (("default", "glibc's default allocator (a user's process)"),
+                  ("tuned", "the benchmarks' tuned allocator (`common.MALLOC_ENV`)"))  # fmt: skip
+    for alloc, title in allocators:
+        rows = []
+        methods = [m for m in TARGETS if f"after|{alloc}|{m}" in s]
+        for method in methods:
+            what, target = TARGETS[method]
+            base = "forward-moments" if method.startswith("forward") else method
+            base = "ours-tensor" if method == "ours-compiled" else base
+            b = s.get(f"before|{alloc}|{base}")
+            a = s[f"after|{alloc}|{method}"]
+            rows.append([
+                method, what,
+                f"{b['ratio']:.2f} ({b['low']:.2f}–{b['high']:.2f})" if b else "–",
+                f"{a['ratio']:.2f} ({a['low']:.2f}–{a['high']:.2f})",
+                f"≤ {target}", "yes" if a["ratio"] <= target else "no",
+                f"{a['solve_s']:.1f}", f"{a['forward_s']:.1f}",
+                f"{a['compile_s']:.1f}" if a["compile_s"] else "–",
+            ])  # fmt: skip
+        header = ["method", "what", "before / forward (range)", "after / forward (range)",
+                  "target", "met", "after s", "forward s", "compile s"]  # fmt: skip
+        lines += [f"## {title[0].upper()}{title[1:]}", "", table(header, rows, right=2), ""]
+    same = [
+        m
+        for m in ("ours-tensor", "ours-default")
+        if len(set(s[f"before|default|{m}"]["digests"] + s[f"after|default|{m}"]["digests"])) == 1
+    ]
+    lines += [
+        "Stores: "
+        + (
+            f"before and after wrote byte-identical stores for {', '.join(same)}"
+            if same
+            else "before and after stores differ"
+        )
+        + (
+            "; the compiled solve's store is its own (other bits, the same statistics to "
+            "float32 rounding)."
+            if "after|default|ours-compiled" in s
+            else "."
+        ),
+        "",
+        f"Machine: {cpu_model()}, load average at start {raw['load']}; {raw['date']} UTC.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="A smoke test: 1024 images, one repeat.")
+@DATA_ROOT
+@click.option("--before", default=BEFORE, show_default=True, help="Revision measured as before.")
+@click.option("--write", is_flag=True, help="Write floor.md and floor.json (else print only).")
+@click.option("--render", "render_only", is_flag=True, help="Rebuild floor.md from floor.json.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    show_default="benchmarks/; with --quick benchmarks/quick/, git-ignored",
+    help="Where --write puts floor.md and floor.json.",
+)
+def main(quick, data_root, before, write, render_only, out):
+    """Time forward-moments, the cached solve and the default compute, before and after."""
+    folder = (out or REPO / "benchmarks" / ("quick" if quick else "")).resolve()
+    if render_only:
+        raw = json.loads((folder / "floor.json").read_text())
+    else:
+        sizes = QUICK if quick else FULL
+        load = load_average()
+        raw = measure(data_root.resolve(), sizes, before)
+        raw.update(
+            load=load,
+            before=before,
+            sizes=sizes,
+            commit=code_commit(["floor.md", "floor.json"]),
+            date=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+            command="python benchmarks/floor.py" + (" --quick" if quick else ""),
+        )
+    text = render(raw)
+    click.echo(text)
+    if write or render_only:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not render_only:
+            (folder / "floor.json").write_text(json.dumps(raw, indent=1))
+        (folder / "floor.md").write_text(text)
+        log(f"wrote {folder / 'floor.md'}")
+
+
+if __name__ == "__main__":
+    main()
