@@ -9,7 +9,12 @@ three things are timed:
   ``DataLoader(num_workers=cores)`` with the same Resize / CenterCrop / Normalize;
 * ``epoch``: the baseline, that DataLoader and one forward of the model per batch;
 * ``solve``: ``compute`` on ``imagefolder:PATH`` (no verification) with ``loader_workers``
-  0 and the default.
+  0 and the default, the activation cache holding the cut;
+* ``solve`` with a cache budget too small to hold any shard's cut (1 MB): every pass
+  then runs from the input, decoding the folder again (timed in the first repeat only:
+  it costs many epochs);
+* ``epoch`` and ``solve`` again for timm's ViT-tiny (patch 16, at the crop size), the
+  transformer of the zoo.
 
 The tables give medians of the repeats and ratios to the baseline epoch (timings on a shared
 machine are noisy; ratios of runs made seconds apart are what the sections compare). Torch
@@ -52,6 +57,8 @@ QUICK = {"images": 96, "size": 40, "resize": 36, "crop": 32, "repeats": 1}
 BATCH = 64
 SHARD = 512
 MODEL = "resnet18"
+VIT = "timm:vit_tiny_patch16_224"
+SMALL = "1MB"  # no shard's cut fits: every pass from the input
 
 
 def write_jpegs(folder: Path, data_root: Path, images: int, size: int) -> Path:
@@ -108,24 +115,32 @@ def read_torchvision(loader) -> None:
         pass
 
 
+def vit_kwargs(sizes: dict) -> dict:
+    return {"img_size": sizes["crop"]}
+
+
 def epoch_torchvision(loader, model) -> None:
     with torch.inference_mode():
         for x, _ in loader:
             model(x)
 
 
-def solve(folder: Path, sizes: dict, workers: int, work: Path) -> None:
+def solve(
+    folder: Path, sizes: dict, workers: int, work: Path, model: str = MODEL, budget=None
+) -> None:
     config = RunConfig(
         dataset=f"imagefolder:{folder}",
         dataset_options=options(sizes),
-        model=MODEL,
+        model=model,
+        model_kwargs=vit_kwargs(sizes) if model == VIT else {},
         holdout=None,
         verify=False,
         batch_size=BATCH,
         shard_size=SHARD,
     )
     out = work / f"solve-{workers}.zarr"
-    compute(config, out, device="cpu", loader_workers=workers, overwrite=True)
+    compute(config, out, device="cpu", loader_workers=workers, overwrite=True,
+            cache_memory=budget)  # fmt: skip
     shutil.rmtree(out)
 
 
@@ -140,6 +155,8 @@ def measure(data_root: Path, sizes: dict) -> dict:
         folder = write_jpegs(work / "jpegs", data_root, sizes["images"], sizes["size"])
         loader = torchvision_loader(folder, sizes, cores)
         model = build_model(ModelSpec(name=MODEL), seed=0, in_channels=3, num_classes=10).eval()
+        vit = build_model(ModelSpec(name=VIT, kwargs=vit_kwargs(sizes)), seed=0, in_channels=3,
+                          num_classes=10).eval()  # fmt: skip
         cases = {
             "read, ours, 0 loader workers": lambda: read_ours(folder, sizes, 0),
             f"read, ours, {workers} loader workers": lambda: read_ours(folder, sizes, workers),
@@ -149,10 +166,21 @@ def measure(data_root: Path, sizes: dict) -> dict:
             ),
             "solve, ours, 0 loader workers": lambda: solve(folder, sizes, 0, work),
             f"solve, ours, {workers} loader workers": lambda: solve(folder, sizes, workers, work),
+            f"solve, ours, {workers} loader workers, cache budget {SMALL} (too small)": (
+                lambda: solve(folder, sizes, workers, work, budget=SMALL)
+            ),
+            f"epoch, torchvision DataLoader, {cores} workers, ViT": lambda: epoch_torchvision(
+                loader, vit
+            ),
+            f"solve, ours, {workers} loader workers, ViT": lambda: solve(
+                folder, sizes, workers, work, VIT
+            ),
         }
         seconds: dict[str, list[float]] = {name: [] for name in cases}
         for r in range(sizes["repeats"]):
             for name, fn in cases.items():
+                if r and "too small" in name:
+                    continue
                 seconds[name].append(timed(fn))
                 log(f"repeat {r + 1}: {name}: {seconds[name][-1]:.2f} s")
     return {"cores": cores, "loader_workers": workers, "seconds": seconds}
@@ -160,27 +188,40 @@ def measure(data_root: Path, sizes: dict) -> dict:
 
 def render(raw: dict, sizes: dict, command: str) -> str:
     seconds = raw["seconds"]
-    baseline = median(next(v for k, v in seconds.items() if k.startswith("epoch")))
+    epochs = {k.endswith("ViT"): median(v) for k, v in seconds.items() if k.startswith("epoch")}
+
+    def unit(name: str) -> float:  # each model's own baseline epoch
+        return epochs[name.endswith("ViT")]
+
     rows = [
-        [name, f"{median(v):.2f}", f"{median(v) / baseline:.2f}", " ".join(f"{s:.2f}" for s in v)]
+        [name, f"{median(v):.2f}", f"{median(v) / unit(name):.2f}",
+         " ".join(f"{s:.2f}" for s in v)]
         for name, v in seconds.items()
-    ]
-    solves = [median(v) for k, v in seconds.items() if k.startswith("solve")]
+    ]  # fmt: skip
+    solves = [median(v) for k, v in seconds.items() if k.startswith("solve") and k.count(",") == 2]
+    small = next(median(v) for k, v in seconds.items() if "too small" in k)
+    vit = next(median(v) for k, v in seconds.items() if k.startswith("solve") and k.endswith("ViT"))
+    baseline = epochs[False]
     reads = [median(v) for k, v in seconds.items() if k.startswith("read, ours")]
     lines = [
         "# Image folders: our loading and solve against torchvision's",
         "",
         f"`{command}`: {sizes['images']} Fashion-MNIST images as {sizes['size']} px RGB "
         f"JPEGs, read with resize {sizes['resize']}, crop {sizes['crop']}, batches of "
-        f"{BATCH}, shards of {SHARD}; model {MODEL}, torch on 1 thread in the measuring "
-        f"process; medians of {sizes['repeats']} interleaved repeat(s).",
+        f"{BATCH}, shards of {SHARD}; model {MODEL} (and {VIT} at {sizes['crop']} px where "
+        f"the case says ViT), torch on 1 thread in the measuring process; medians of "
+        f"{sizes['repeats']} interleaved repeat(s). Each ratio is to the same model's "
+        "baseline epoch.",
         "",
         table(["case", "median s", "/ baseline epoch", "each run, s"], rows),
         "",
         f"Reading the folder with {raw['loader_workers']} loader workers takes "
         f"{reads[1] / reads[0]:.2f} of the time with none; the solve with them takes "
         f"{solves[1] / solves[0]:.2f} of the time without "
-        f"({solves[0] / baseline:.2f} -> {solves[1] / baseline:.2f} baseline epochs).",
+        f"({solves[0] / baseline:.2f} -> {solves[1] / baseline:.2f} baseline epochs). With a "
+        f"cache budget of {SMALL}, too small for any shard's cut, every pass runs from the "
+        f"input and the solve costs {small / baseline:.2f} baseline epochs. The ViT's solve "
+        f"costs {vit / epochs[True]:.2f} of its own baseline epochs.",
         "",
         f"Machine: {cpu_model()}, {raw['cores']} cores available, load average at start "
         f"{raw['load']}; torch {torch.__version__}; commit {raw['commit']}; "

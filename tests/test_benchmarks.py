@@ -221,12 +221,16 @@ def test_the_image_folder_comparison_writes_its_table(data_root, tmp_path):
     text = (tmp_path / "folder.md").read_text()
     raw = json.loads((tmp_path / "folder.json").read_text())
     cases = list(raw["seconds"])
-    assert [c.split(",")[0] for c in cases] == ["read"] * 3 + ["epoch"] + ["solve"] * 2
+    assert [c.split(",")[0] for c in cases] == (
+        ["read"] * 3 + ["epoch"] + ["solve"] * 3 + ["epoch", "solve"]
+    )
     assert "solve, ours, 0 loader workers" in cases and "read, ours, 0 loader workers" in cases
+    assert any("too small" in c for c in cases) and cases[-1].endswith("ViT")
     for case, runs in raw["seconds"].items():
         assert len(runs) == 1 and all(s > 0 for s in runs)
         assert re.search(rf"^\| {re.escape(case)} \| [0-9.]+ \| [0-9.]+ \|", text, re.M), case
     assert "| epoch, torchvision DataLoader" in text and "baseline epochs" in text
+    assert "every pass runs from the input" in text and "The ViT's solve costs" in text
 
 
 def test_the_device_benchmark_runs_its_cpu_fallback_and_fills_its_table(data_root):
@@ -336,3 +340,37 @@ def test_samples_reports_every_model_solve_and_layer_on_both_splits(samples):
                 for column in [*SAMPLE_LABELS, "split gap"]:
                     assert number(r[column]) >= 0
     assert text.count("- vit (") == 1 and "- resnet18 (" in text
+
+
+def test_the_floor_report_judges_each_target_from_its_runs():
+    from benchmarks import floor
+
+    def run(ratio, digest="d"):
+        return {"solve_s": 10.0 * ratio, "forward_s": 10.0, "compile_s": 0.0, "digest": digest}
+
+    ratios = {"forward-moments": (1.34, 1.10), "forward-moments-compiled": (None, 1.20),
+              "ours-tensor": (1.66, 1.25), "ours-compiled": (None, 1.35),
+              "ours-default": (4.41, 3.60)}  # fmt: skip
+    runs = {}
+    for rev, alloc, method in floor.CASES:
+        value = ratios[method][rev == "after"]
+        runs[f"{rev}|{alloc}|{method}"] = [run(value + d) for d in (-0.01, 0.0, 0.02)]
+    raw = {"runs": runs, "sizes": floor.FULL, "command": "floor", "before": "rev",
+           "commit": "c", "load": "0", "date": "now"}  # fmt: skip
+    default, tuned = tables(floor.render(raw))
+    rows = {r["method"]: r for r in default}
+    assert list(rows) == list(floor.TARGETS)
+    assert rows["forward-moments"]["after / forward (range)"] == "1.10 (1.09–1.12)"
+    assert rows["forward-moments"]["before / forward (range)"] == "1.34 (1.33–1.36)"
+    met = {m: r["met"] for m, r in rows.items()}
+    assert met == {"forward-moments": "yes", "forward-moments-compiled": "no",
+                   "ours-tensor": "yes", "ours-compiled": "no", "ours-default": "no"}  # fmt: skip
+    assert [r["method"] for r in tuned] == ["forward-moments", "ours-tensor"]
+    assert "byte-identical stores for ours-tensor, ours-default" in floor.render(raw)
+
+
+def test_the_floor_benchmark_extracts_another_revision_of_the_package(tmp_path):
+    from benchmarks import floor
+
+    package = floor.extract("HEAD", tmp_path)
+    assert (package / "lsuv_pipeline" / "moments.py").is_file()
