@@ -45,6 +45,14 @@ DATA_ROOT = click.option(
     help="Folder with MNIST and Fashion-MNIST in torchvision's layout.",
 )
 
+#: The ``--out`` option of the scripts that write one report (``NAME.md`` and ``NAME.json``).
+OUT = click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    show_default="benchmarks/; with --quick benchmarks/quick/, git-ignored",
+    help="Where --write puts the report (its .md and .json).",
+)
+
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:

@@ -41,6 +41,7 @@ import click  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     DATA_ROOT,
+    OUT,
     code_commit,
     cpu_model,
     load_average,
@@ -198,12 +199,7 @@ def render(raw: dict) -> str:
 @click.option("--before", default=BEFORE, show_default=True, help="Revision measured as before.")
 @click.option("--write", is_flag=True, help="Write floor.md and floor.json (else print only).")
 @click.option("--render", "render_only", is_flag=True, help="Rebuild floor.md from floor.json.")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    show_default="benchmarks/; with --quick benchmarks/quick/, git-ignored",
-    help="Where --write puts floor.md and floor.json.",
-)
+@OUT
 def main(quick, data_root, before, write, render_only, out):
     """Time forward-moments, the cached solve and the default compute, before and after."""
     folder = (out or REPO / "benchmarks" / ("quick" if quick else "")).resolve()

@@ -45,7 +45,16 @@ import time  # noqa: E402
 import click  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import DATA_ROOT, code_commit, cpu_model, load_average, log, median, table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    DATA_ROOT,
+    OUT,
+    code_commit,
+    cpu_model,
+    load_average,
+    log,
+    median,
+    table,
+)
 from lsuv_pipeline import RunConfig, compute  # noqa: E402
 from lsuv_pipeline.data import DatasetSpec, open_source  # noqa: E402
 from lsuv_pipeline.data.loading import default_workers  # noqa: E402
@@ -235,12 +244,7 @@ def render(raw: dict, sizes: dict, command: str) -> str:
 @click.option("--quick", is_flag=True, help="A smoke test: few small images, one repeat.")
 @DATA_ROOT
 @click.option("--write", is_flag=True, help="Write folder.md and folder.json (else print only).")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    show_default="benchmarks/; with --quick benchmarks/quick/, git-ignored",
-    help="Where --write puts folder.md and folder.json.",
-)
+@OUT
 def main(quick, data_root, write, out):
     """Time reading and solving an image folder against torchvision's DataLoader."""
     sizes = QUICK if quick else FULL

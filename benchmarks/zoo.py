@@ -54,7 +54,16 @@ from torch.nn import functional as F  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
-from benchmarks.common import DATA_ROOT, code_commit, cpu_model, load_average, log, table, version  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    DATA_ROOT,
+    OUT,
+    code_commit,
+    cpu_model,
+    load_average,
+    log,
+    table,
+    version,
+)
 from lsuv_pipeline import OffTarget, RunConfig, compute, mj  # noqa: E402
 from lsuv_pipeline.coverage import NORMS  # noqa: E402
 from lsuv_pipeline.data import DatasetSpec, open_source  # noqa: E402
@@ -688,12 +697,7 @@ def _machine() -> dict:
 )
 @DATA_ROOT
 @click.option("--write", is_flag=True, help="Write zoo.md and zoo.json (else print only).")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    show_default="benchmarks/; with --quick benchmarks/quick/, git-ignored",
-    help="Where --write puts zoo.md and zoo.json.",
-)
+@OUT
 @click.option("--list", "list_only", is_flag=True, help="Print the zoo's model names and exit.")
 def main(quick, names, samples, data_root, write, out, list_only):
     """Solve every model of the zoo and check it in float64; print (and write) the table."""
