@@ -13,4 +13,8 @@ each in float64 and writes ``zoo.md`` and ``zoo.json`` (see ``zoo.py``).
 ``python benchmarks/deep.py`` and ``python benchmarks/samples.py`` (``[--quick] [--write]``)
 are separate too: deep thin plain networks trained from every init (``deep.md``), and how
 far a solve on N samples leaves each layer from the full set's (``samples.md``).
+
+``python benchmarks/floor.py [--quick] [--write] [--before REV]`` times forward-moments,
+the cached solve and the default compute on full MNIST for this checkout and another
+revision, eager and compiled (``floor.md``).
 """

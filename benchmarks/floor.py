@@ -162,12 +162,28 @@ def render(raw: dict) -> str:
                 f"{b['ratio']:.2f} ({b['low']:.2f}–{b['high']:.2f})" if b else "–",
                 f"{a['ratio']:.2f} ({a['low']:.2f}–{a['high']:.2f})",
                 f"≤ {target}", "yes" if a["ratio"] <= target else "no",
-                f"{a['solve_s']:.1f}", f"{a['forward_s']:.1f}",
+                f"{b['solve_s']:.1f}" if b else "–", f"{a['solve_s']:.1f}",
+                f"{a['solve_s'] / b['solve_s']:.2f}" if b else "–",
+                f"{b['forward_s']:.1f}, {a['forward_s']:.1f}" if b else f"{a['forward_s']:.1f}",
                 f"{a['compile_s']:.1f}" if a["compile_s"] else "–",
             ])  # fmt: skip
         header = ["method", "what", "before / forward (range)", "after / forward (range)",
-                  "target", "met", "after s", "forward s", "compile s"]  # fmt: skip
+                  "target", "met", "before s", "after s", "after s / before s",
+                  "forward s (before, after)", "compile s"]  # fmt: skip
         lines += [f"## {title[0].upper()}{title[1:]}", "", table(header, rows, right=2), ""]
+    forwards = [v["forward_s"] for k, v in s.items() if "|default|" in k]
+    tuned = [v["forward_s"] for k, v in s.items() if "|tuned|" in k]
+    lines += [
+        "Seconds are medians of the method's own runs; `after s / before s` compares the two "
+        "revisions on the same method, which the reference forward does not enter. Under "
+        "glibc's default allocator the reference forward, run after the method in the same "
+        f"process, took {min(forwards):.1f}–{max(forwards):.1f} s (medians per method): it "
+        "is faster after a cached solve, which leaves glibc's thresholds raised and its "
+        "heap warm, than after a forward-moments pass, so ratios there compare before "
+        "with after, not one method with another. Under the tuned allocator it took "
+        f"{min(tuned):.1f}–{max(tuned):.1f} s.",
+        "",
+    ]
     same = [
         m
         for m in ("ours-tensor", "ours-default")

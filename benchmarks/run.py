@@ -39,7 +39,9 @@ SECTIONS = {"cost": cost, "quality": quality, "training": training, "scaling": s
 DEEPER = (
     "Deep thin plain networks (depth 11 and 19) trained from every init: [deep.md](deep.md) "
     "(`benchmarks/deep.py`). How many samples a solve needs, per layer, for mj, resnet18 "
-    "and a small ViT: [samples.md](samples.md) (`benchmarks/samples.py`)."
+    "and a small ViT: [samples.md](samples.md) (`benchmarks/samples.py`). The floor of a "
+    "solve, before and after, eager and `--compile`: [floor.md](floor.md) "
+    "(`benchmarks/floor.py`)."
 )
 
 
