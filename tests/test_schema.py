@@ -85,3 +85,21 @@ def test_identity_compares_config_data_and_model_digests_but_not_the_rest():
         "model initial state: sha256:bbbbbbbbbbbb -> sha256:cccccccccccc (other initial "
         "weights: another seed or init)",
     ]
+
+
+@pytest.mark.parametrize(
+    "made_with",
+    [{"sample": 300}, {"compile": True}],
+    ids=["sample", "compile"],
+)
+def test_a_store_of_an_option_left_out_now_is_another_run(tmp_path, data_root, made_with):
+    # an option at its default is not written into the config, so the stored config has a
+    # key the wanted one lacks: that is a difference too, not an up-to-date store
+    from lsuv_pipeline import compute
+
+    base = dict(limit=600, shard_size=300, batch_size=100, holdout=None, verify=False)
+    out = tmp_path / "r.zarr"
+    compute(RunConfig(**base, **made_with), out, data_root=data_root, device="cpu")
+    (option,) = made_with
+    with pytest.raises(StoreError, match=f"--{option}"):
+        compute(RunConfig(**base), out, data_root=data_root, device="cpu")

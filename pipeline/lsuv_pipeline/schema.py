@@ -204,10 +204,13 @@ def differences(stored: dict, wanted: dict) -> list[str]:
         if key == "config" and isinstance(have, dict):
             with contextlib.suppress(LsuvError):  # fill keys a store predates with defaults
                 have = RunConfig.from_dict(have).to_dict()
+            # both ways: an option at its default is left out of a config (``to_dict``), so
+            # a key only the store has (``--sample``, ``--compile``) is a difference too
+            keys = list(want) + [k for k in have if k not in want]
             out += [
-                f"--{k.replace('_', '-')}: {have.get(k)!r} -> {v!r}"
-                for k, v in want.items()
-                if have.get(k) != v
+                f"--{k.replace('_', '-')}: {have.get(k)!r} -> {want.get(k)!r}"
+                for k in keys
+                if have.get(k) != want.get(k)
             ]
         elif key == "provenance":
             continue  # recorded, not compared: the digests above say what matters
