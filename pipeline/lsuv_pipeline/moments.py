@@ -154,8 +154,7 @@ def _row_moments(
     if compiled and flat.shape[0] > 1:
         from .compiled import row_sums
 
-        s, q = row_sums(flat)
-        s = s.view(samples, channels).to(torch.float64)
+        s, q = row_sums(flat)  # q: the sums of squares
         q = q.view(samples, channels).to(torch.float64)
     else:
         per = max(1, CHUNK // n)
@@ -168,8 +167,8 @@ def _row_moments(
             torch.sub(part, part[:, :1], out=shifted)
             torch.sum(shifted, dim=1, out=s[start : start + per])
             torch.linalg.vector_norm(shifted, dim=1, out=q[start : start + per])
-        s = s.view(samples, channels).to(torch.float64)
-        q = q.view(samples, channels).to(torch.float64).square()
+        q = q.view(samples, channels).to(torch.float64).square()  # q: the norms
+    s = s.view(samples, channels).to(torch.float64)
     row_mean = s / n
     row_m2 = (q - s * row_mean).clamp_(min=0.0)  # rounding can leave a hair below 0
     row_mean += rows[:, :, 0].to(torch.float64)
