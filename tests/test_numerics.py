@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import zarr
 from click.testing import CliRunner
 
@@ -145,3 +146,33 @@ def test_dask_workers_of_other_numerics_are_refused_or_recorded(tmp_path, data_r
     assert len(record["mixed"]) == 1
     assert {record["mixed"][0].get("env", {}).get("MKL_ENABLE_INSTRUCTIONS"),
             record.get("env", {}).get("MKL_ENABLE_INSTRUCTIONS")} == {"AVX2", None}  # fmt: skip
+
+
+class _TwoRanks:
+    """A stand-in for a two-rank group whose rank 1 reports ``other`` as its fingerprint."""
+
+    rank, world = 0, 2
+
+    def __init__(self, other: dict) -> None:
+        self.other = other
+
+    def gather(self, value):
+        return [value, self.other]
+
+
+def test_a_rank_of_other_numerics_is_refused_every_time_it_is_asked():
+    from lsuv_pipeline.errors import ExecutorError
+    from lsuv_pipeline.ranks import RankExecutor
+
+    mine = fingerprint(torch.device("cpu"))
+    other = {**mine, "cpu_vendor": "OtherVendor"}
+    refusing = RankExecutor(_TwoRanks(other), 500)
+    for _ in range(2):  # a second ask (another pass, a reused executor) is no pass
+        with pytest.raises(ExecutorError, match=r"rank 1 computes with other numerics than "
+                           r"rank 0 \(cpu_vendor: .* -> OtherVendor\).*--allow-mixed"):  # fmt: skip
+            refusing.numerics(torch.device("cpu"))
+    allowing = RankExecutor(_TwoRanks(other), 500, allow_mixed=True)
+    assert numerics_key(allowing.numerics(torch.device("cpu"))) == numerics_key(mine)
+    assert allowing.numerics(torch.device("cpu")) is allowing.numerics(torch.device("cpu"))
+    assert allowing.mixed == [other]
+    assert RankExecutor(_TwoRanks(mine), 500).mixed == []

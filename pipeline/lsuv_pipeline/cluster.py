@@ -37,7 +37,7 @@ from torch import nn
 from .data import DatasetSpec, Source
 from .errors import ConfigError, ExecutorError, LsuvError, ModelError, first_line
 from .executors import Executor
-from .numerics import numerics_differences, numerics_key
+from .numerics import Admission, numerics_key
 from .worker import Boxed, ShardTask, hold, run_shard, worker_fingerprint
 
 __all__ = ["HEALTH_CHECK_S", "DaskExecutor", "connect", "quiet_dask_logs"]
@@ -45,6 +45,9 @@ __all__ = ["HEALTH_CHECK_S", "DaskExecutor", "connect", "quiet_dask_logs"]
 
 #: Seconds between checks that the scheduler is still there while a pass waits on it.
 HEALTH_CHECK_S = 2.0
+
+#: Whose numerics a dask worker's are checked against, in a refusal.
+CLUSTER = "the rest of the cluster"
 
 
 class DaskExecutor(Executor):
@@ -66,8 +69,7 @@ class DaskExecutor(Executor):
         self.client = client
         self.cluster = cluster
         self.allow_mixed = allow_mixed
-        self._numerics: dict | None = None  # the cluster's fingerprint, once known
-        self._mixed: dict[str, dict] = {}  # numerics key -> fingerprint, other than the above
+        self._admission: Admission | None = None  # the cluster's fingerprint, once known
         self.description = f"dask ({len(client.scheduler_info()['workers'])} workers)"
         self._model_key = None
         self._model_future = None
@@ -86,7 +88,7 @@ class DaskExecutor(Executor):
 
     def numerics(self, device: torch.device) -> dict:
         """The workers' common fingerprint; workers that differ are refused or recorded."""
-        if self._numerics is None:
+        if self._admission is None:
             try:
                 found = self.client.run(worker_fingerprint, device.type)
             except LsuvError:
@@ -101,30 +103,15 @@ class DaskExecutor(Executor):
                 prints[key] = fp
             # the fingerprint most workers share is the cluster's (ties: the first address)
             main = min(groups, key=lambda k: (-len(groups[k]), groups[k][0]))
-            self._numerics = prints[main]
+            admission = Admission(prints[main], allow_mixed=self.allow_mixed, unit="worker")
             for key, addresses in groups.items():
-                if key != main:
-                    self._admit(prints[key], addresses[0])
-        return self._numerics
+                admission.admit(prints[key], f"dask worker {addresses[0]}", CLUSTER)
+            self._admission = admission
+        return self._admission.reference
 
     @property
     def mixed(self) -> list[dict]:
-        return list(self._mixed.values())
-
-    def _admit(self, fp: dict, where: str) -> None:
-        """Check a worker's fingerprint against the cluster's; refuse or record another."""
-        key = numerics_key(fp)
-        if key == numerics_key(self._numerics) or key in self._mixed:
-            return
-        if not self.allow_mixed:
-            raise ExecutorError(
-                f"dask worker {where} computes with other numerics than the rest of the "
-                f"cluster ({'; '.join(numerics_differences(self._numerics, fp))}), so the "
-                "result would depend on which worker ran which shard; use workers of one "
-                "hardware type and library build, or pass --allow-mixed-hardware (recorded "
-                "in the store)"
-            )
-        self._mixed[key] = fp
+        return self._admission.mixed if self._admission is not None else []
 
     def _send(self, value, name: str):
         """Put ``value`` on the cluster once, as a task that returns it.
@@ -234,7 +221,8 @@ class DaskExecutor(Executor):
                 pending.discard(future)
                 shard = futures.pop(future)
                 moments, where, numerics = future.result()
-                self._admit(numerics, where)
+                self.numerics(device)  # the cluster's, known before a worker is checked
+                self._admission.admit(numerics, f"dask worker {where}", CLUSTER)
                 if plan.cache is not None:
                     self._owner[shard.index] = where
                 future.release()

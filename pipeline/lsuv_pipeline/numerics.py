@@ -26,10 +26,11 @@ from collections.abc import Iterator
 
 import torch
 
-from .errors import StoreError
+from .errors import ExecutorError, StoreError
 
 __all__ = [
     "KERNEL_ENV",
+    "Admission",
     "check_resume",
     "fingerprint",
     "numerics_differences",
@@ -125,6 +126,49 @@ def numerics_differences(a: dict, b: dict) -> list[str]:
     """``"field: a -> b"`` for every decisive field in which two fingerprints differ."""
     keys = sorted((set(a) | set(b)) - {"threads", "key", "mixed"})
     return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
+
+
+class Admission:
+    """The fingerprint a pool of processes (dask workers, ranks) computes with, and the
+    other ones it has admitted.
+
+    Args:
+        reference: The pool's fingerprint: the one every result is compared against.
+        allow_mixed: Record another fingerprint instead of refusing it.
+        unit: What the pool is made of (``"worker"``, ``"rank"``), for the message.
+    """
+
+    def __init__(self, reference: dict, *, allow_mixed: bool, unit: str) -> None:
+        self.reference = reference
+        self.allow_mixed = allow_mixed
+        self.unit = unit
+        self._key = numerics_key(reference)
+        self._mixed: dict[str, dict] = {}  # numerics key -> fingerprint, other than ours
+
+    @property
+    def mixed(self) -> list[dict]:
+        """The admitted fingerprints other than the reference, once each, in order."""
+        return list(self._mixed.values())
+
+    def admit(self, fp: dict, who: str, than: str) -> None:
+        """Check the fingerprint of ``who`` against the reference (``than`` names whose it
+        is); record another one, or refuse it.
+
+        Raises:
+            ExecutorError: ``fp`` decides other bits and mixing is not allowed.
+        """
+        key = numerics_key(fp)
+        if key == self._key or key in self._mixed:
+            return
+        if not self.allow_mixed:
+            raise ExecutorError(
+                f"{who} computes with other numerics than {than} "
+                f"({'; '.join(numerics_differences(self.reference, fp))}), so the result "
+                f"would depend on which {self.unit} ran which shard; use {self.unit}s of one "
+                "hardware type and library build, or pass --allow-mixed-hardware (recorded "
+                "in the store)"
+            )
+        self._mixed[key] = fp
 
 
 def with_mixed(record: dict, others: list[dict]) -> tuple[dict, int]:

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from . import errors
 from .errors import ConfigError, ExecutorError, Interrupted, LsuvError
 from .executors import Executor, InlineExecutor
-from .numerics import fingerprint, numerics_differences, numerics_key
+from .numerics import Admission, fingerprint
 
 __all__ = [
     "RankExecutor",
@@ -211,8 +211,7 @@ class RankExecutor(Executor):
         self.allow_mixed = allow_mixed
         self.description = f"torch.distributed ({ranks.world} ranks)"
         self._inner = InlineExecutor()
-        self._numerics: dict | None = None
-        self._mixed: dict[str, dict] = {}
+        self._admission: Admission | None = None  # rank 0's fingerprint, once gathered
 
     def owner(self, index: int, count: int) -> int:
         """The rank that computes shard ``index`` of ``count``: contiguous blocks."""
@@ -220,27 +219,17 @@ class RankExecutor(Executor):
 
     def numerics(self, device: torch.device) -> dict:
         """Rank 0's fingerprint; a rank whose fingerprint differs is refused or recorded."""
-        if self._numerics is None:
+        if self._admission is None:
             every = self.ranks.gather(fingerprint(device))
-            self._numerics = every[0]
+            admission = Admission(every[0], allow_mixed=self.allow_mixed, unit="rank")
             for r, fp in enumerate(every[1:], start=1):
-                key = numerics_key(fp)
-                if key == numerics_key(self._numerics) or key in self._mixed:
-                    continue
-                if not self.allow_mixed:
-                    raise ExecutorError(
-                        f"rank {r} computes with other numerics than rank 0 "
-                        f"({'; '.join(numerics_differences(self._numerics, fp))}), so the "
-                        "result would depend on which rank ran which shard; use one hardware "
-                        "type and library build, or pass --allow-mixed-hardware (recorded in "
-                        "the store)"
-                    )
-                self._mixed[key] = fp
-        return self._numerics
+                admission.admit(fp, f"rank {r}", "rank 0")
+            self._admission = admission
+        return self._admission.reference
 
     @property
     def mixed(self) -> list[dict]:
-        return list(self._mixed.values())
+        return self._admission.mixed if self._admission is not None else []
 
     def run_pass(self, model, source, shards, plan, *, device, on_batch=None):
         count = len(source.shards(self.shard_size))
