@@ -89,3 +89,56 @@ def test_a_machine_that_cannot_compile_is_one_line_before_any_store(
 def test_compile_is_a_yes_or_no():
     with pytest.raises(Exception, match="compile must be true or false"):
         RunConfig(compile="yes")
+
+
+#: A process whose inductor has no C++ compiler and no kernel built before (its own cache).
+NO_COMPILER = {"CXX": "/nonexistent/g++"}
+
+
+def test_a_dask_worker_that_cannot_compile_is_named_before_any_store(tmp_path, data_root):
+    from distributed import Client, Nanny, Scheduler, SpecCluster
+
+    env = {**NO_COMPILER, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    workers = {"w": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "env": env}}}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
+    with (
+        SpecCluster(workers=workers, scheduler=scheduler, silence_logs=50) as cluster,
+        Client(cluster) as client,
+    ):
+        client.wait_for_workers(1)
+        (address,) = client.scheduler_info()["workers"]
+        out = tmp_path / "r.zarr"
+        argv = ["compute", "--data-root", str(data_root), "--out", str(out), "--compile",
+                "--limit", "1000", "--shard-size", "500", "--holdout", "none", "-q",
+                "--device", "cpu", "--scheduler", cluster.scheduler_address]  # fmt: skip
+        result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 2, result.output
+    one_line_error(result)
+    assert f"dask worker {address}: --compile" in result.output
+    assert "C++ compiler" in result.output
+    assert not out.exists()  # a rerun without --compile needs no --overwrite
+
+
+class _Ranks:
+    """This process as one of two ranks; the other rank's outcome of building the kernel
+    is given."""
+
+    world = 2
+
+    def __init__(self, rank: int, other) -> None:
+        self.rank, self.other = rank, other
+
+    def gather(self, value):
+        return [value, self.other] if self.rank == 0 else [self.other, value]
+
+
+def test_a_rank_that_cannot_compile_stops_every_rank_with_its_name():
+    from lsuv_pipeline.errors import ConfigError
+    from lsuv_pipeline.ranks import RankExecutor
+
+    failed = ("error", "--compile: torch.compile cannot build its kernel on this machine")
+    for rank in (0, 1):  # each rank learns it, so no rank waits on the other in a pass
+        with pytest.raises(ConfigError, match=rf"^rank {1 - rank}: --compile: torch\.compile"):
+            RankExecutor(_Ranks(rank, failed), 500).compile(torch.float32)
+    built = RankExecutor(_Ranks(0, ("built", 0.0)), 500)
+    assert built.compile(torch.float32) >= 0.0

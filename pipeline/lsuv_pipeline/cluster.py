@@ -38,7 +38,7 @@ from .data import DatasetSpec, Source
 from .errors import ConfigError, ExecutorError, LsuvError, ModelError, first_line
 from .executors import Executor
 from .numerics import Admission, numerics_key
-from .worker import Boxed, ShardTask, hold, run_shard, worker_fingerprint
+from .worker import Boxed, ShardTask, hold, run_shard, worker_compile, worker_fingerprint
 
 __all__ = ["HEALTH_CHECK_S", "DaskExecutor", "connect", "quiet_dask_logs"]
 
@@ -112,6 +112,26 @@ class DaskExecutor(Executor):
     @property
     def mixed(self) -> list[dict]:
         return self._admission.mixed if self._admission is not None else []
+
+    def compile(self, dtype: torch.dtype) -> float:
+        """Build the kernel on every worker, as a task of each (not on its event loop);
+        a worker that cannot is named. A worker that joins later builds it on its first
+        shard."""
+        futures = [
+            self.client.submit(worker_compile, dtype, workers=[address],
+                               allow_other_workers=False, pure=False,
+                               key=f"lsuv-compile-{uuid.uuid4().hex}")
+            for address in sorted(self.client.scheduler_info()["workers"])
+        ]  # fmt: skip
+        try:
+            return max((f.result() for f in futures), default=0.0)
+        except LsuvError:
+            raise
+        except Exception as exc:
+            raise ExecutorError(_lost(self.client, exc)) from None
+        finally:
+            for f in futures:
+                f.release()
 
     def _send(self, value, name: str):
         """Put ``value`` on the cluster once, as a task that returns it.

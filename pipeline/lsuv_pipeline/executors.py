@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from . import compiled
 from .data import Shard, Source
 from .data.loading import prefetched
 from .numerics import fingerprint
@@ -48,6 +49,15 @@ class Executor:
     def numerics(self, device: torch.device) -> dict:
         """The numerics fingerprint of where the passes run (see ``numerics.py``)."""
         return fingerprint(device)
+
+    def compile(self, dtype: torch.dtype) -> float:
+        """Build the compiled moments kernel (``--compile``) wherever the passes run, before
+        the first pass; return the seconds it took (the longest build).
+
+        Raises:
+            ConfigError: It cannot be built somewhere; the message names where.
+        """
+        return compiled.prepare(dtype)
 
     @property
     def mixed(self) -> list[dict]:

@@ -231,6 +231,19 @@ class RankExecutor(Executor):
     def mixed(self) -> list[dict]:
         return self._admission.mixed if self._admission is not None else []
 
+    def compile(self, dtype: torch.dtype) -> float:
+        """Build the kernel on every rank; a rank that cannot stops every rank, naming it
+        (else the others would wait on it in the first pass)."""
+        try:
+            mine = ("built", self._inner.compile(dtype))
+        except ConfigError as exc:
+            mine = ("error", str(exc))
+        every = self.ranks.gather(mine)
+        for r, (outcome, value) in enumerate(every):
+            if outcome == "error":
+                raise ConfigError(f"rank {r}: {value}")
+        return max(value for _, value in every)
+
     def run_pass(self, model, source, shards, plan, *, device, on_batch=None):
         count = len(source.shards(self.shard_size))
         mine = [s for s in shards if self.owner(s.index, count) == self.ranks.rank]

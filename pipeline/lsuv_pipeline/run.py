@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from . import batches as B
-from . import compiled
 from .attention import get_layer
 from .batches import ForwardFn, MaskFn
 from .cache import Segments, Uncacheable, parse_size
@@ -508,7 +507,7 @@ def _solve(run: _Run, store: RunStore | None, ctx: PassContext) -> RunResult:
     """Plan the layers, create or resume the store, run the layer loop and verification."""
     config, model = run.config, run.model
     model.to(run.device)
-    compiling = _compile(run)  # before the store: a machine that cannot build it stops here
+    compiling = _compile(run, ctx)  # before the store: where it cannot be built, stop here
     example = B.to_device(run.train.batch(0, min(2, run.train.count)), run.device)
     traced = trace(model, example, run.forward)
     plan = plan_layers(model, traced, include=config.include, exclude=config.exclude,
@@ -568,13 +567,14 @@ def _solve(run: _Run, store: RunStore | None, ctx: PassContext) -> RunResult:
     return _checked(result, store.attrs)
 
 
-def _compile(run: _Run) -> float:
-    """Build the compiled kernel before the first pass (``config.compile``); say how long
-    it took. Dask workers build their own on their first shard."""
+def _compile(run: _Run, ctx: PassContext) -> float:
+    """Build the compiled kernel wherever the passes run, before the first pass
+    (``config.compile``); say how long it took."""
     if not run.config.compile or run.device.type != "cpu":
         return 0.0
     dtype = model_dtype(run.model) or torch.float32
-    seconds = compiled.prepare(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
+    half = dtype in (torch.float16, torch.bfloat16)  # reduced in float32 (moments.from_batch)
+    seconds = ctx.executor.compile(torch.float32 if half else dtype)
     if seconds:
         run.progress.note(f"--compile: the moments kernel compiled in {seconds:.1f} s")
     return seconds

@@ -24,9 +24,10 @@ import torch
 from distributed import get_worker
 from torch import nn
 
+from . import compiled
 from .cache import ActivationCache, default_budget
 from .data import DatasetSpec, Shard, Source, open_source
-from .errors import ExecutorError
+from .errors import ConfigError, ExecutorError
 from .models import assign_state_
 from .numerics import fingerprint
 from .shard import CachedRunner, PassPlan, ShardMoments, measure_shard
@@ -38,6 +39,7 @@ __all__ = [
     "WorkerState",
     "hold",
     "run_shard",
+    "worker_compile",
     "worker_fingerprint",
 ]
 
@@ -70,6 +72,14 @@ def _device(device_type: str) -> torch.device:
 def worker_fingerprint(device_type: str) -> dict:
     """This worker's numerics fingerprint, for the device type of the run."""
     return fingerprint(_device(device_type))
+
+
+def worker_compile(dtype: torch.dtype) -> float:
+    """Build this worker's compiled moments kernel; a failure names the worker."""
+    try:
+        return compiled.prepare(dtype)
+    except ConfigError as exc:
+        raise ConfigError(f"dask worker {get_worker().address}: {exc}") from None
 
 
 def _nbytes(batches: list[torch.Tensor]) -> int:
