@@ -26,6 +26,7 @@ import warnings
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
 
+import dask
 import torch
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, wait
 from distributed.comm import parse_host_port
@@ -34,6 +35,7 @@ from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 from torch import nn
 
+from .allocator import worker_env
 from .data import DatasetSpec, Source
 from .errors import ConfigError, ExecutorError, LsuvError, ModelError, first_line
 from .executors import Executor
@@ -324,7 +326,15 @@ def _reachable(address: str, timeout: float = 5.0) -> bool:
 
 
 def _local_cluster(workers: int, device_type: str):
-    """Start ``workers`` worker processes on this machine, bound to loopback."""
+    """Start ``workers`` worker processes on this machine, bound to loopback, with this
+    package's malloc thresholds (``allocator.py``) in place of the 64 KiB trim threshold
+    dask's nannies give a worker before it starts, which faults every batch in again."""
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **worker_env()}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        return _start_local(workers, device_type)
+
+
+def _start_local(workers: int, device_type: str):
     if device_type == "cuda":
         count = torch.cuda.device_count()
         if workers > count:

@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from .. import allocator
 from ..errors import ConfigError, Interrupted, LsuvError, OffTarget
 from .common import CLOSED_PIPE, OFF_TARGET, UsageMistake, print_result
 from .compute import compute
@@ -81,6 +82,7 @@ for _command in (compute, show, verify, export):
 
 def main() -> None:
     """Console-script entry point."""
+    allocator.tune()  # this process is ours: keep freed batch memory mapped
     # This process reports cluster failures itself, once; dask's threads may still log
     # after a run ended (a client reconnecting to a scheduler that is gone).
     logging.getLogger("distributed").addFilter(lambda record: False)
