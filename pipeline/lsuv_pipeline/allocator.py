@@ -4,8 +4,8 @@ A pass allocates and frees the same batch-sized tensors (megabytes each) for eve
 With glibc's defaults, freed memory at the top of the heap goes back to the system once
 it exceeds the trim threshold (128 KiB, or twice the mmap threshold, which rises with use
 up to 32 MiB), so a later batch faults the same pages in again. On mj over MNIST at one
-thread that is about 1.2 million minor faults per 100 batches, and a plain forward took
-15.6-15.7 s instead of 10.4-10.8 s with the thresholds below (fresh processes).
+thread that is about 1.2 million minor faults per 100 batches; a dask worker, started by
+its nanny with a 64 KiB trim threshold, pays them for every batch (README: the figures).
 
 :func:`tune` sets the two thresholds with ``mallopt`` in a process this package owns:
 the ``lsuv-pipeline`` command (``cli.main``) and the dask workers it starts
