@@ -81,6 +81,7 @@ def tuned() -> bool:
 
 def worker_env() -> dict[str, str]:
     """The environment entries for a worker process this package starts: the same
-    thresholds, unless this process's environment chose the allocator (then the workers
-    inherit that choice)."""
+    thresholds, unless this process's environment chose the allocator. Then nothing is
+    added, and a dask worker starts with what its nanny gives it (dask's 64 KiB trim
+    threshold replaces an inherited ``MALLOC_TRIM_THRESHOLD_``)."""
     return {} if chosen_elsewhere() else dict(WORKER_ENV)
