@@ -72,6 +72,21 @@ CASES = (
     ("before", "tuned", "ours-tensor"),
     ("after", "tuned", "ours-tensor"),
 )
+#: ``--section command``: the command's own process (``allocator.tune``), before and after;
+#: its before revision must have ``allocator.tune`` (from 2aff49e).
+COMMAND_CASES = tuple(
+    (rev, "command", method)
+    for method in ("forward-moments", "ours-tensor", "ours-default")
+    for rev in ("before", "after")
+)
+SECTIONS = {"main": ("floor", CASES), "command": ("floor-command", COMMAND_CASES)}
+#: Allocator -> the title of its table.
+ALLOCATORS = {
+    "default": "glibc's default allocator (a user's process)",
+    "tuned": "the benchmarks' tuned allocator (`common.MALLOC_ENV`)",
+    "command": "the command's own process (`allocator.tune`: its malloc settings and the "
+    "thread that faults new heap in)",
+}
 
 #: Method -> (what it is, the issue's target ratio).
 TARGETS = {
@@ -93,19 +108,21 @@ def extract(rev: str, into: Path) -> Path:
     return into / "pipeline"
 
 
-def measure(data_root: Path, sizes: dict, before: str) -> dict:
-    runs: dict[str, list[dict]] = {"|".join(c): [] for c in CASES}
+def measure(data_root: Path, sizes: dict, before: str, cases=CASES) -> dict:
+    runs: dict[str, list[dict]] = {"|".join(c): [] for c in cases}
     with tempfile.TemporaryDirectory(prefix="lsuv-floor-") as tmp:
         work = Path(tmp)
         packages = {"before": extract(before, work / "before"), "after": None}
         spec = {"dataset": "mnist", "data_root": str(data_root), "limit": sizes["limit"],
                 "batch_size": BATCH, "threads": 1, "work": str(work), "forward": True}  # fmt: skip
         for r in range(sizes["repeats"]):
-            turn = r % len(CASES)
-            for case in CASES[turn:] + CASES[:turn]:
+            turn = r % len(cases)
+            for case in cases[turn:] + cases[:turn]:
                 rev, alloc, method = case
                 log(f"floor: repeat {r + 1}/{sizes['repeats']}: {rev}, {alloc} malloc, {method}")
-                out = run_probe({**spec, "method": method}, 1, packages[rev], alloc == "tuned")
+                extra = {"allocator": "command"} if alloc == "command" else {}
+                out = run_probe({**spec, **extra, "method": method}, 1, packages[rev],
+                                alloc == "tuned")  # fmt: skip
                 runs["|".join(case)].append(out)
     return {"runs": runs}
 
@@ -126,6 +143,10 @@ def summary(raw: dict) -> dict[str, dict]:
             "solve_s": median([r["solve_s"] for r in runs]),
             "forward_s": median([r["forward_s"] for r in runs]),
             "compile_s": median([r.get("compile_s", 0.0) for r in runs]),
+            "faults": median([r["thread_faults"] for r in runs])
+            if "thread_faults" in runs[0]
+            else None,
+            "sys_s": median([r["sys_s"] for r in runs]) if "sys_s" in runs[0] else None,
             "runs": len(runs),
             "digests": sorted({r["digest"] for r in runs if "digest" in r}),
         }
@@ -146,11 +167,11 @@ def render(raw: dict) -> str:
         f"repeat(s). Before: revision `{raw['before']}`; after: commit {raw['commit']}.",
         "",
     ]
-    allocators = (("default", "glibc's default allocator (a user's process)"),
-                  ("tuned", "the benchmarks' tuned allocator (`common.MALLOC_ENV`)"))  # fmt: skip
-    for alloc, title in allocators:
+    for alloc, title in ALLOCATORS.items():
         rows = []
         methods = [m for m in TARGETS if f"after|{alloc}|{m}" in s]
+        if not methods:
+            continue
         for method in methods:
             what, target = TARGETS[method]
             base = "forward-moments" if method.startswith("forward") else method
@@ -167,27 +188,44 @@ def render(raw: dict) -> str:
                 f"{b['forward_s']:.1f}, {a['forward_s']:.1f}" if b else f"{a['forward_s']:.1f}",
                 f"{a['compile_s']:.1f}" if a["compile_s"] else "–",
             ])  # fmt: skip
+            if alloc == "command":  # where the first touch of new memory went
+                rows[-1] += [f"{b['faults']:,.0f}, {a['faults']:,.0f}" if b else "–",
+                             f"{b['sys_s']:.1f}, {a['sys_s']:.1f}" if b else "–"]  # fmt: skip
         header = ["method", "what", "before / forward (range)", "after / forward (range)",
                   "target", "met", "before s", "after s", "after s / before s",
                   "forward s (before, after)", "compile s"]  # fmt: skip
+        if alloc == "command":
+            header += ["thread faults (before, after)", "system s (before, after)"]
         lines += [f"## {title[0].upper()}{title[1:]}", "", table(header, rows, right=2), ""]
-    forwards = [v["forward_s"] for k, v in s.items() if "|default|" in k]
-    tuned = [v["forward_s"] for k, v in s.items() if "|tuned|" in k]
+    forwards = {a: [v["forward_s"] for k, v in s.items() if f"|{a}|" in k] for a in ALLOCATORS}
+    spans = {a: f"{min(f):.1f}–{max(f):.1f} s" for a, f in forwards.items() if f}
     lines += [
         "Seconds are medians of the method's own runs; `after s / before s` compares the two "
-        "revisions on the same method, which the reference forward does not enter. Under "
-        "glibc's default allocator the reference forward, run after the method in the same "
-        f"process, took {min(forwards):.1f}–{max(forwards):.1f} s (medians per method): it "
-        "is faster after a cached solve, which leaves glibc's thresholds raised and its "
-        "heap warm, than after a forward-moments pass, so ratios there compare before "
-        "with after, not one method with another. Under the tuned allocator it took "
-        f"{min(tuned):.1f}–{max(tuned):.1f} s.",
-        "",
+        "revisions on the same method, which the reference forward does not enter."
     ]
+    if "default" in spans:
+        lines[-1] += (
+            " Under glibc's default allocator the reference forward, run after the method in "
+            f"the same process, took {spans['default']} (medians per method): it is faster "
+            "after a cached solve, which leaves glibc's thresholds raised and its heap warm, "
+            "than after a forward-moments pass, so ratios there compare before with after, "
+            "not one method with another."
+        )
+    for alloc, what in (("tuned", "the tuned allocator"), ("command", "the command's own")):
+        if alloc in spans:
+            lines[-1] += f" Under {what} it took {spans[alloc]}."
+    if "command" in spans:
+        lines[-1] += (
+            " Faults are those the computing thread took itself during the method, system "
+            "seconds the whole process's then (medians)."
+        )
+    lines.append("")
+    alloc = next(a for a in ALLOCATORS if spans.get(a))
     same = [
         m
         for m in ("ours-tensor", "ours-default")
-        if len(set(s[f"before|default|{m}"]["digests"] + s[f"after|default|{m}"]["digests"])) == 1
+        if f"before|{alloc}|{m}" in s
+        and len(set(s[f"before|{alloc}|{m}"]["digests"] + s[f"after|{alloc}|{m}"]["digests"])) == 1
     ]
     lines += [
         "Stores: "
@@ -203,7 +241,8 @@ def render(raw: dict) -> str:
             else "."
         ),
         "",
-        f"Machine: {cpu_model()}, load average at start {raw['load']}; {raw['date']} UTC.",
+        f"Machine: {raw.get('cpu') or cpu_model()}, load average at start {raw['load']}; "
+        f"{raw['date']} UTC.",
         "",
     ]
     return "\n".join(lines)
@@ -213,34 +252,46 @@ def render(raw: dict) -> str:
 @click.option("--quick", is_flag=True, help="A smoke test: 1024 images, one repeat.")
 @DATA_ROOT
 @click.option("--before", default=BEFORE, show_default=True, help="Revision measured as before.")
-@click.option("--write", is_flag=True, help="Write floor.md and floor.json (else print only).")
-@click.option("--render", "render_only", is_flag=True, help="Rebuild floor.md from floor.json.")
+@click.option(
+    "--section",
+    type=click.Choice(sorted(SECTIONS)),
+    default="main",
+    show_default=True,
+    help="main: user and benchmark allocators (floor.md); command: the command's own "
+    "process (floor-command.md, --before from 2aff49e on).",
+)
+@click.option("--write", is_flag=True, help="Write the .md and .json (else print only).")
+@click.option("--render", "render_only", is_flag=True, help="Rebuild the .md from the .json.")
 @OUT
-def main(quick, data_root, before, write, render_only, out):
+def main(quick, data_root, before, section, write, render_only, out):
     """Time forward-moments, the cached solve and the default compute, before and after."""
     folder = (out or REPO / "benchmarks" / ("quick" if quick else "")).resolve()
+    name, cases = SECTIONS[section]
     if render_only:
-        raw = json.loads((folder / "floor.json").read_text())
+        raw = json.loads((folder / f"{name}.json").read_text())
     else:
         sizes = QUICK if quick else FULL
         load = load_average()
-        raw = measure(data_root.resolve(), sizes, before)
+        raw = measure(data_root.resolve(), sizes, before, cases)
         raw.update(
             load=load,
             before=before,
             sizes=sizes,
-            commit=code_commit(["floor.md", "floor.json"]),
+            cpu=cpu_model(),
+            commit=code_commit([f"{name}.md", f"{name}.json"]),
             date=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-            command="python benchmarks/floor.py" + (" --quick" if quick else ""),
+            command="python benchmarks/floor.py"
+            + (" --quick" if quick else "")
+            + (f" --section {section} --before {before}" if section != "main" else ""),
         )
     text = render(raw)
     click.echo(text)
     if write or render_only:
         folder.mkdir(parents=True, exist_ok=True)
         if not render_only:
-            (folder / "floor.json").write_text(json.dumps(raw, indent=1))
-        (folder / "floor.md").write_text(text)
-        log(f"wrote {folder / 'floor.md'}")
+            (folder / f"{name}.json").write_text(json.dumps(raw, indent=1))
+        (folder / f"{name}.md").write_text(text)
+        log(f"wrote {folder / f'{name}.md'}")
 
 
 if __name__ == "__main__":

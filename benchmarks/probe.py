@@ -12,18 +12,21 @@
    process so that both see the same machine load; it runs after the solve so that it
    cannot raise the solve's peak.
 
-For ``ours-*`` it also prints ``digest``, a SHA-256 over every array of the run store
-(``common.store_digest``), so runs that must agree bitwise (cache on and off) can be
-compared.
+It prints the page faults the computing thread took during the method (``thread_faults``)
+and the process's system time then (``sys_s``). For ``ours-*`` it also prints ``digest``,
+a SHA-256 over every array of the run store (``common.store_digest``), so runs that must
+agree bitwise (cache on and off) can be compared.
 
 Spec keys: method, dataset, model, data_root, limit, repeat, batch_size, threads, work,
-forward, serve (hand the open split to ``compute(data=...)`` instead of letting it open the
-dataset by name, as dask workers must), workers (dask).
+forward, allocator (``"command"``: set up the process's allocator as the ``lsuv-pipeline``
+command does, ``allocator.tune``), serve (hand the open split to ``compute(data=...)``
+instead of letting it open the dataset by name, as dask workers must), workers (dask).
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -127,6 +130,10 @@ def _solve(spec: dict, model, src, work: Path) -> dict:
 
 def main(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
+    if spec.get("allocator") == "command":  # as ``lsuv-pipeline`` sets up its own process
+        from lsuv_pipeline import allocator
+
+        allocator.tune()
     src = source(spec["dataset"], "train", spec["data_root"], spec["limit"])
     if spec.get("repeat", 1) > 1:
         src = Repeated(src, spec["repeat"])
@@ -140,8 +147,13 @@ def main(spec: dict) -> dict:
         model.eval()(src.batch(0, min(spec["batch_size"], src.count)))
     reset = reset_peak()
     base = peak_rss_mib()  # the current RSS when the reset worked
+    started = resource.getrusage(resource.RUSAGE_THREAD), resource.getrusage(resource.RUSAGE_SELF)
     with tempfile.TemporaryDirectory(dir=spec["work"]) as tmp:
         out = _solve(spec, model, src, Path(tmp))
+    ended = resource.getrusage(resource.RUSAGE_THREAD), resource.getrusage(resource.RUSAGE_SELF)
+    # page faults the computing thread took itself, and the process's time in the kernel
+    out["thread_faults"] = ended[0].ru_minflt - started[0].ru_minflt
+    out["sys_s"] = ended[1].ru_stime - started[1].ru_stime
     out["base_rss_mib"] = base
     out["peak_reset"] = reset
     out["peak_rss_mib"] = peak_rss_mib()

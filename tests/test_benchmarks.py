@@ -374,3 +374,30 @@ def test_the_floor_benchmark_extracts_another_revision_of_the_package(tmp_path):
 
     package = floor.extract("HEAD", tmp_path)
     assert (package / "lsuv_pipeline" / "moments.py").is_file()
+
+
+def test_the_floor_report_of_the_command_shows_where_the_first_touch_went():
+    from benchmarks import floor
+
+    def run(rev, ratio):
+        faults, system = (700_000, 9.0) if rev == "before" else (2_000, 5.0)
+        return {"solve_s": 10.0 * ratio, "forward_s": 10.0, "compile_s": 0.0, "digest": "d",
+                "thread_faults": faults, "sys_s": system}  # fmt: skip
+
+    ratios = {"forward-moments": 1.3, "ours-tensor": 2.4, "ours-default": 6.0}
+    runs = {
+        f"{rev}|{alloc}|{method}": [run(rev, ratios[method] - (rev == "after")) for _ in range(3)]
+        for rev, alloc, method in floor.COMMAND_CASES
+    }
+    raw = {"runs": runs, "sizes": floor.FULL, "command": "floor", "before": "rev",
+           "commit": "c", "load": "0", "date": "now", "cpu": "AMD EPYC"}  # fmt: skip
+    text = floor.render(raw)
+    (command,) = tables(text)
+    rows = {r["method"]: r for r in command}
+    assert list(rows) == ["forward-moments", "ours-tensor", "ours-default"]
+    assert rows["ours-tensor"]["after / forward (range)"] == "1.40 (1.40–1.40)"
+    assert rows["ours-tensor"]["met"] == "no" and rows["forward-moments"]["met"] == "yes"
+    assert rows["ours-tensor"]["thread faults (before, after)"] == "700,000, 2,000"
+    assert rows["ours-tensor"]["system s (before, after)"] == "9.0, 5.0"
+    assert "command's own process" in text and "Machine: AMD EPYC" in text
+    assert "byte-identical stores for ours-tensor, ours-default" in text

@@ -15,6 +15,14 @@ A Python caller's own process is left as it is (``compute()`` and ``lsuv_`` chan
 nothing global); set ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` there for
 the same effect. The bits do not depend on it: PyTorch aligns tensors either way.
 
+What the heap cannot reuse is new memory: an activation cache's cut grows to gigabytes in
+every solve (mj over MNIST: 2.8 GB), and its first touch costs a page fault per 4 KiB on
+the computing thread (on a VM whose host backs guest memory lazily, 1-2.5 s per GB: as
+long as the whole cached solve). :func:`tune` therefore also pads each growth of the heap
+(:data:`TOP_PAD`) and starts a helper thread that faults the pad in while the computing
+thread works (``MADV_POPULATE_WRITE``, which maps the pages without writing them, so it
+is safe on memory already in use); that thread takes the faults, on another core.
+
 A process whose allocator was chosen otherwise (these variables or ``GLIBC_TUNABLES``
 set, another allocator in ``LD_PRELOAD``) or that does not use glibc is not touched.
 """
@@ -22,8 +30,11 @@ set, another allocator in ``LD_PRELOAD``) or that does not use glibc is not touc
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
+import threading
+import time
 
 __all__ = ["WORKER_ENV", "chosen_elsewhere", "tune", "tuned", "worker_env"]
 
@@ -32,6 +43,11 @@ MMAP_THRESHOLD = 32 << 20
 #: Freed memory kept mapped at the top of the heap before it goes back to the system: a
 #: few batches' worth for most models, and little next to a dask worker's memory limit.
 TRIM_THRESHOLD = 256 << 20
+#: Heap mapped past what an allocation needs whenever the heap grows, faulted in ahead of
+#: use by the helper thread (:func:`tune`); the trim threshold keeps it mapped.
+TOP_PAD = 256 << 20
+#: The most the helper faults in at one call, so that it follows the heap's top closely.
+PREFAULT_STEP = 32 << 20
 
 #: The same settings for a process started with this environment.
 WORKER_ENV = {
@@ -39,15 +55,18 @@ WORKER_ENV = {
     "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
 }
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's <malloc.h>
+_MADV_POPULATE_WRITE = 23  # Linux 5.14
 _tuned = False
+_helper: threading.Thread | None = None
 
 
 def chosen_elsewhere(env: dict[str, str] | None = None) -> bool:
     """Whether ``env`` (default: this process's) already chooses the allocator or its
     thresholds."""
     env = os.environ if env is None else env
-    if any(env.get(k) for k in WORKER_ENV) or "malloc" in env.get("GLIBC_TUNABLES", ""):
+    chosen = (*WORKER_ENV, "MALLOC_TOP_PAD_")
+    if any(env.get(k) for k in chosen) or "malloc" in env.get("GLIBC_TUNABLES", ""):
         return True
     return "malloc" in env.get("LD_PRELOAD", "")  # jemalloc, tcmalloc
 
@@ -66,12 +85,60 @@ def tune() -> bool:
     if chosen_elsewhere():
         return False
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        libc = ctypes.CDLL(None, use_errno=True)
+        mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    done = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    _tuned = bool(done)
+    settings = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+                (_M_TOP_PAD, TOP_PAD))  # fmt: skip
+    _tuned = all(mallopt(option, value) for option, value in settings)
+    if _tuned:
+        _start_prefault(libc)
     return _tuned
+
+
+def _start_prefault(libc: ctypes.CDLL) -> None:
+    """Start the thread that faults the heap's new top in (see the module)."""
+    global _helper
+    try:
+        sbrk, madvise = libc.sbrk, libc.madvise
+    except AttributeError:
+        return
+    sbrk.restype, sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
+    madvise.restype = ctypes.c_int
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    _helper = threading.Thread(
+        target=_prefault, args=(sbrk, madvise), name="lsuv-prefault", daemon=True
+    )
+    _helper.start()
+
+
+def _prefault(sbrk, madvise) -> None:
+    """Follow the heap's top (``sbrk(0)``: the break, read only) and fault in each new part.
+
+    Sleeps while the heap does not grow (1 ms, backing off to 50 ms); ends for good if the
+    kernel has no ``MADV_POPULATE_WRITE``. A heap trimmed meanwhile fails the call with
+    ENOMEM, and the thread starts over from the new top.
+    """
+    page = os.sysconf("SC_PAGE_SIZE")
+    done = (sbrk(0) or 0) // page * page
+    pause = 0.001
+    while True:
+        top = sbrk(0) or 0
+        if top < done:  # trimmed
+            done = top // page * page
+        if top <= done:
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+            continue
+        size = min(top - done, PREFAULT_STEP)
+        if madvise(done, size, _MADV_POPULATE_WRITE) != 0:
+            if ctypes.get_errno() != errno.ENOMEM:
+                return  # EINVAL: an older kernel
+            done = (sbrk(0) or 0) // page * page
+            continue
+        done += size
+        pause = 0.001
 
 
 def tuned() -> bool:
