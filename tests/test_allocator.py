@@ -142,3 +142,22 @@ def test_a_tuned_process_faults_its_growing_heap_in_ahead_of_the_computing_threa
     # tuned, the helper faults them in ahead of it (1.4K left, 2%); it needs 200 MB/s
     # here, and this VM's host backed new memory at 0.4-1.4 GB/s
     assert tuned["faults"] < plain["faults"] * 0.25, (plain, tuned)
+
+
+def test_a_users_own_malloc_settings_reach_the_local_workers(monkeypatch):
+    """dask's nannies start a worker with a 64 KiB trim threshold of their own; a user who
+    chose the allocator's thresholds gets those on the workers, not dask's."""
+    from lsuv_pipeline.cluster import connect
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert allocator.worker_env() == {"MALLOC_TRIM_THRESHOLD_": "131072"}
+
+    def settings() -> dict:
+        import os
+
+        return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")}
+
+    with connect(1, None, None, "cpu", 30) as executor:
+        (seen,) = executor.client.run(settings).values()
+    assert seen == {"MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_MMAP_THRESHOLD_": None}

@@ -148,7 +148,10 @@ def tuned() -> bool:
 
 def worker_env() -> dict[str, str]:
     """The environment entries for a worker process this package starts: the same
-    thresholds, unless this process's environment chose the allocator. Then nothing is
-    added, and a dask worker starts with what its nanny gives it (dask's 64 KiB trim
-    threshold replaces an inherited ``MALLOC_TRIM_THRESHOLD_``)."""
-    return {} if chosen_elsewhere() else dict(WORKER_ENV)
+    thresholds, unless this process's environment chose the allocator. Then the user's own
+    ``MALLOC_*`` settings are passed on as they are, so that a dask worker starts with
+    them and not with its nanny's 64 KiB trim threshold (which replaces an inherited
+    one); an allocator chosen by ``GLIBC_TUNABLES`` or ``LD_PRELOAD`` is inherited."""
+    if not chosen_elsewhere():
+        return dict(WORKER_ENV)
+    return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
