@@ -41,7 +41,9 @@ DEEPER = (
     "(`benchmarks/deep.py`). How many samples a solve needs, per layer, for mj, resnet18 "
     "and a small ViT: [samples.md](samples.md) (`benchmarks/samples.py`). The floor of a "
     "solve, before and after, eager and `--compile`: [floor.md](floor.md) "
-    "(`benchmarks/floor.py`)."
+    "(`benchmarks/floor.py`); in the command's own process, whose helper thread faults new "
+    "memory in: [floor-command.md](floor-command.md) (`benchmarks/floor.py --section "
+    "command`)."
 )
 
 

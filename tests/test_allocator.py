@@ -161,3 +161,33 @@ def test_a_users_own_malloc_settings_reach_the_local_workers(monkeypatch):
     with connect(1, None, None, "cpu", 30) as executor:
         (seen,) = executor.client.run(settings).values()
     assert seen == {"MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_MMAP_THRESHOLD_": None}
+
+
+def test_the_helper_jumps_ahead_of_the_heaps_use_and_raises_the_pad_when_caught_up():
+    """The helper's walk on a scripted heap: it faults in from the heap's use up to the
+    break; when the use overtakes it, it starts again a lead past it and doubles the pad."""
+    import ctypes
+    import errno
+
+    mib = 1 << 20
+    # (break, start of the top chunk): at the start, then before each step
+    states = iter([(100 * mib, 10 * mib), (100 * mib, 10 * mib), (100 * mib, 20 * mib),
+                   (100 * mib, 50 * mib)])  # fmt: skip
+    calls, pads = [], []
+
+    def heap():
+        return next(states)
+
+    def madvise(start, size, advice):
+        calls.append((start // mib, size // mib))
+        if len(calls) == 3:  # end the walk as an old kernel would
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+        return 0
+
+    allocator._prefault(heap, madvise, pads.append)
+    lead, step = allocator.PREFAULT_LEAD // mib, allocator.PREFAULT_STEP // mib
+    # from the use (10 MiB) on; still ahead of it at 20 MiB; caught up with at 50 MiB: a
+    # lead past it, and the pad doubled
+    assert calls == [(10, step), (10 + step, step), (50 + lead, step)]
+    assert pads == [2 * allocator.TOP_PAD]

@@ -17,11 +17,13 @@ the same effect. The bits do not depend on it: PyTorch aligns tensors either way
 
 What the heap cannot reuse is new memory: an activation cache's cut grows to gigabytes in
 every solve (mj over MNIST: 2.8 GB), and its first touch costs a page fault per 4 KiB on
-the computing thread (on a VM whose host backs guest memory lazily, 1-2.5 s per GB: as
+the computing thread (on a VM whose host backs guest memory lazily, 0.4-2.5 s per GB: as
 long as the whole cached solve). :func:`tune` therefore also pads each growth of the heap
-(:data:`TOP_PAD`) and starts a helper thread that faults the pad in while the computing
-thread works (``MADV_POPULATE_WRITE``, which maps the pages without writing them, so it
-is safe on memory already in use); that thread takes the faults, on another core.
+(:data:`TOP_PAD`, raised up to :data:`MAX_TOP_PAD` while the heap's use keeps catching up)
+and starts a helper thread that faults the mapped part above the heap's use in while the
+computing thread works (``MADV_POPULATE_WRITE``, which maps pages without writing them, so
+it is safe on memory in use); that thread takes the faults, on another core. The price is
+memory: up to the pad, mapped above what is in use while the process runs.
 
 A process whose allocator was chosen otherwise (these variables or ``GLIBC_TUNABLES``
 set, another allocator in ``LD_PRELOAD``) or that does not use glibc is not touched.
@@ -44,10 +46,16 @@ MMAP_THRESHOLD = 32 << 20
 #: few batches' worth for most models, and little next to a dask worker's memory limit.
 TRIM_THRESHOLD = 256 << 20
 #: Heap mapped past what an allocation needs whenever the heap grows, faulted in ahead of
-#: use by the helper thread (:func:`tune`); the trim threshold keeps it mapped.
+#: use by the helper thread (:func:`tune`); a trim keeps it mapped. The helper raises it.
 TOP_PAD = 256 << 20
-#: The most the helper faults in at one call, so that it follows the heap's top closely.
-PREFAULT_STEP = 32 << 20
+#: The most the helper thread raises the top pad to when the heap's use catches up with it
+#: (glibc takes an int).
+MAX_TOP_PAD = 1 << 30
+#: The most the helper faults in at one call, so that it sees the heap's use often.
+PREFAULT_STEP = 16 << 20
+#: How far past the heap's use the helper starts again when that use has caught up with
+#: it: about the batch the computing thread is writing.
+PREFAULT_LEAD = 16 << 20
 
 #: The same settings for a process started with this environment.
 WORKER_ENV = {
@@ -97,36 +105,63 @@ def tune() -> bool:
     return _tuned
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost",
+    )]  # fmt: skip
+
+
 def _start_prefault(libc: ctypes.CDLL) -> None:
     """Start the thread that faults the heap's new top in (see the module)."""
     global _helper
     try:
-        sbrk, madvise = libc.sbrk, libc.madvise
+        sbrk, madvise, mallinfo2 = libc.sbrk, libc.madvise, libc.mallinfo2  # glibc 2.33
     except AttributeError:
         return
     sbrk.restype, sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
     madvise.restype = ctypes.c_int
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    mallinfo2.restype, mallinfo2.argtypes = _Mallinfo2, []
+
+    def heap() -> tuple[int, int]:
+        """The break, and where glibc carves the next allocation from the top (the start
+        of the top chunk, ``keepcost`` bytes below the break)."""
+        top = sbrk(0) or 0
+        return top, top - mallinfo2().keepcost
+
+    def pad(size: int) -> None:
+        libc.mallopt(_M_TOP_PAD, size)
+
     _helper = threading.Thread(
-        target=_prefault, args=(sbrk, madvise), name="lsuv-prefault", daemon=True
+        target=_prefault, args=(heap, madvise, pad), name="lsuv-prefault", daemon=True
     )
     _helper.start()
 
 
-def _prefault(sbrk, madvise) -> None:
-    """Follow the heap's top (``sbrk(0)``: the break, read only) and fault in each new part.
+def _prefault(heap, madvise, pad) -> None:
+    """Keep ahead of the heap's use and fault in the mapped part above it, to the break.
 
-    Sleeps while the heap does not grow (1 ms, backing off to 50 ms); ends for good if the
-    kernel has no ``MADV_POPULATE_WRITE``. A heap trimmed meanwhile fails the call with
-    ENOMEM, and the thread starts over from the new top.
+    The computing thread carves allocations upward from the start of the top chunk and
+    faults in what it writes. When it has caught up with this thread, this thread starts
+    again :data:`PREFAULT_LEAD` past it (rather than fault the same pages beside it) and
+    doubles the top pad, up to :data:`MAX_TOP_PAD`, so that the heap grows further ahead
+    of use. Sleeps while there is nothing to do (1 ms, backing off to 50 ms); ends for
+    good if the kernel has no ``MADV_POPULATE_WRITE``. A heap trimmed meanwhile fails the
+    call with ENOMEM, and the thread starts over from the heap's use.
     """
     page = os.sysconf("SC_PAGE_SIZE")
-    done = (sbrk(0) or 0) // page * page
+    top, used = heap()
+    done = -(-used // page) * page
+    padding = TOP_PAD
     pause = 0.001
     while True:
-        top = sbrk(0) or 0
-        if top < done:  # trimmed
-            done = top // page * page
+        top, used = heap()
+        if used > done or top < done:  # caught up with, or trimmed: go ahead again
+            if used > done and padding < MAX_TOP_PAD:
+                padding = min(2 * padding, MAX_TOP_PAD)
+                pad(padding)
+            done = -(-(used + PREFAULT_LEAD) // page) * page
         if top <= done:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
@@ -135,7 +170,7 @@ def _prefault(sbrk, madvise) -> None:
         if madvise(done, size, _MADV_POPULATE_WRITE) != 0:
             if ctypes.get_errno() != errno.ENOMEM:
                 return  # EINVAL: an older kernel
-            done = (sbrk(0) or 0) // page * page
+            done = 0
             continue
         done += size
         pause = 0.001
