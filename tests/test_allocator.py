@@ -191,3 +191,18 @@ def test_the_helper_jumps_ahead_of_the_heaps_use_and_raises_the_pad_when_caught_
     # lead past it, and the pad doubled
     assert calls == [(10, step), (10 + step, step), (50 + lead, step)]
     assert pads == [2 * allocator.TOP_PAD]
+
+
+def test_starting_local_workers_leaves_the_callers_environment_alone():
+    """dask's nannies write their pre-spawn environment (ours, and dask's own
+    OMP_NUM_THREADS=1 and trim threshold) into this process's os.environ; a run gives
+    the caller's environment back as it was once its workers have started."""
+    from lsuv_pipeline.cluster import connect
+
+    before = dict(os.environ)
+    with connect(1, None, None, "cpu", 30) as executor:
+        during = dict(os.environ)
+        (worker,) = executor.client.run(lambda: dict(__import__("os").environ)).values()
+    assert during == before and dict(os.environ) == before
+    # the workers still start with theirs
+    assert worker["MALLOC_TRIM_THRESHOLD_"] == allocator.WORKER_ENV["MALLOC_TRIM_THRESHOLD_"]

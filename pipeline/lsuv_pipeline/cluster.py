@@ -328,10 +328,20 @@ def _reachable(address: str, timeout: float = 5.0) -> bool:
 def _local_cluster(workers: int, device_type: str):
     """Start ``workers`` worker processes on this machine, bound to loopback, with this
     package's malloc thresholds (``allocator.py``) in place of the 64 KiB trim threshold
-    dask's nannies give a worker before it starts, which faults every batch in again."""
+    dask's nannies give a worker before it starts, which faults every batch in again.
+
+    A nanny sets its pre-spawn environment in this process's ``os.environ`` to pass it on
+    (ours, and dask's own ``OMP_NUM_THREADS=1``); it is put back once the workers have
+    started (a nanny restarting its worker later still passes its own on)."""
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **worker_env()}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        return _start_local(workers, device_type)
+    saved = dict(os.environ)  # a nanny writes its pre-spawn environment into this process's
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            return _start_local(workers, device_type)
+    finally:  # the workers have started: the caller's environment as it was
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
 
 
 def _start_local(workers: int, device_type: str):
