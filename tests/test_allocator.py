@@ -172,7 +172,7 @@ def test_the_helper_jumps_ahead_of_the_heaps_use_and_raises_the_pad_when_caught_
     mib = 1 << 20
     # (break, start of the top chunk): at the start, then before each step
     states = iter([(100 * mib, 10 * mib), (100 * mib, 10 * mib), (100 * mib, 20 * mib),
-                   (100 * mib, 50 * mib)])  # fmt: skip
+                   (100 * mib, 50 * mib), (60 * mib, 30 * mib), (60 * mib, 30 * mib)])  # fmt: skip
     calls, pads = [], []
 
     def heap():
@@ -180,7 +180,10 @@ def test_the_helper_jumps_ahead_of_the_heaps_use_and_raises_the_pad_when_caught_
 
     def madvise(start, size, advice):
         calls.append((start // mib, size // mib))
-        if len(calls) == 3:  # end the walk as an old kernel would
+        if len(calls) == 4:  # the heap was trimmed under this call
+            ctypes.set_errno(errno.ENOMEM)
+            return -1
+        if len(calls) == 5:  # end the walk as an old kernel would
             ctypes.set_errno(errno.EINVAL)
             return -1
         return 0
@@ -188,8 +191,11 @@ def test_the_helper_jumps_ahead_of_the_heaps_use_and_raises_the_pad_when_caught_
     allocator._prefault(heap, madvise, pads.append)
     lead, step = allocator.PREFAULT_LEAD // mib, allocator.PREFAULT_STEP // mib
     # from the use (10 MiB) on; still ahead of it at 20 MiB; caught up with at 50 MiB: a
-    # lead past it, and the pad doubled
-    assert calls == [(10, step), (10 + step, step), (50 + lead, step)]
+    # lead past it, and the pad doubled; the break below it (trimmed), then a call failing
+    # with ENOMEM: each time a lead past the use, up to the break, the pad as it was
+    rest = 60 - 30 - lead
+    assert calls == [(10, step), (10 + step, step), (50 + lead, step), (30 + lead, rest),
+                     (30 + lead, rest)]  # fmt: skip
     assert pads == [2 * allocator.TOP_PAD]
 
 

@@ -152,13 +152,15 @@ def _prefault(heap, madvise, pad) -> None:
     """
     page = os.sysconf("SC_PAGE_SIZE")
     top, used = heap()
-    done = -(-used // page) * page
+    done: int | None = -(-used // page) * page
     padding = TOP_PAD
     pause = 0.001
     while True:
         top, used = heap()
-        if used > done or top < done:  # caught up with, or trimmed: go ahead again
-            if used > done and padding < MAX_TOP_PAD:
+        if done is None or top < done:  # trimmed: from the heap's use again
+            done = -(-(used + PREFAULT_LEAD) // page) * page
+        elif used > done:  # caught up with: go ahead again, and let the heap grow further
+            if padding < MAX_TOP_PAD:
                 padding = min(2 * padding, MAX_TOP_PAD)
                 pad(padding)
             done = -(-(used + PREFAULT_LEAD) // page) * page
@@ -170,7 +172,7 @@ def _prefault(heap, madvise, pad) -> None:
         if madvise(done, size, _MADV_POPULATE_WRITE) != 0:
             if ctypes.get_errno() != errno.ENOMEM:
                 return  # EINVAL: an older kernel
-            done = 0
+            done = None  # trimmed meanwhile
             continue
         done += size
         pause = 0.001
