@@ -438,3 +438,35 @@ def test_stale_consolidated_metadata_is_found_by_verify(tmp_path, data_root, ref
     meta.write_text(json.dumps(doc))
     result = invoke("verify", path, "--data-root", data_root, "-q", "--device", "cpu")
     one_line(result, "'layers/conv2/mean': its metadata differs from the consolidated copy")
+
+
+def _unretrieved_on_zarrs_loop(exc: BaseException) -> None:
+    """A future of zarr's event loop that fails with ``exc`` and is dropped unawaited, as
+    zarr leaves one write of several when another has failed first."""
+    import asyncio
+    import gc
+
+    from zarr.core.sync import _get_loop
+
+    loop = _get_loop()
+
+    async def drop() -> None:
+        loop.create_future().set_exception(exc)
+
+    asyncio.run_coroutine_threadsafe(drop(), loop).result()
+    gc.collect()
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result()
+
+
+def test_a_write_failing_beside_a_reported_one_prints_no_traceback(caplog):
+    """A full disk is one line: a write zarr ran beside the one that failed, and nobody
+    awaited, fails too (seen: FileExistsError on a zarr.json), and asyncio would print its
+    traceback at exit after the error line. Other leftovers are still shown."""
+    from lsuv_pipeline import zarrio
+
+    zarrio.failed_write()  # as a write that failed and was reported does
+    with caplog.at_level("ERROR", logger="asyncio"):
+        _unretrieved_on_zarrs_loop(FileExistsError(17, "File exists"))
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+        _unretrieved_on_zarrs_loop(ValueError("not a write"))
+        assert [r for r in caplog.records if "never retrieved" in r.getMessage()]

@@ -35,7 +35,33 @@ from zarr.errors import ZarrUserWarning
 
 from .errors import StoreError, first_line, write_error
 
-__all__ = ["CheckedGroup", "consolidate", "scratch_folder", "sweep_temp_files"]
+__all__ = ["CheckedGroup", "consolidate", "failed_write", "scratch_folder", "sweep_temp_files"]
+
+#: Whether a write into a store failed with an OS error here (reported as one StoreError).
+_failed = False
+
+
+def failed_write() -> None:
+    """Note that a write failed with an OS error, which the caller reports.
+
+    zarr runs some writes side by side; when one fails, the others may fail too (the same
+    full disk, or a ``zarr.json`` the failed one left) with nobody awaiting them, and
+    asyncio would print each one's traceback at exit, after the error line. From here on
+    those leftovers, OS errors only, are dropped; any other is shown as before.
+    """
+    global _failed
+    if _failed:
+        return
+    _failed = True
+    from zarr.core.sync import _get_loop
+
+    def handler(loop, context) -> None:
+        exc = context.get("exception")
+        unawaited = "never retrieved" in context.get("message", "")
+        if not (unawaited and isinstance(exc, OSError)):
+            loop.default_exception_handler(context)
+
+    _get_loop().set_exception_handler(handler)
 
 
 _TORCH_DTYPES = {
@@ -129,6 +155,7 @@ class CheckedGroup:
         try:
             yield
         except OSError as exc:
+            failed_write()
             raise write_error(self.path, what, exc) from None
 
     def _node(self, where: str, what: str = "group"):
