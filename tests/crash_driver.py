@@ -10,8 +10,8 @@ POINT is where to kill, N which occurrence:
     final     after the N-th array of the final weights is written
     status    just before the run is marked complete
     pass      when the N-th pass starts (its shard record opened, nothing submitted yet)
-    sigint    right after the N-th shard is recorded, send this process SIGINT (as Ctrl-C
-              does) once, and go on
+    sigint    right after the N-th shard is handed to its record's writer, send this
+              process SIGINT (as Ctrl-C does) once, and go on
 
 With ``$CRASH_DRIVER_KILL_PID`` set, that process is killed instead (a dask scheduler, say)
 and the run goes on, to show what it makes of the loss.
@@ -73,12 +73,14 @@ def after(cls, name, when=lambda *a, **k: True):
     setattr(cls, name, wrapped)
 
 
-if point in ("shard", "sigint"):
-    after(partial.Partial, "put")
+if point == "shard":
+    after(partial.Partial, "_write")  # the record's write (on its own thread), not its queueing
+elif point == "sigint":
+    after(partial.Partial, "put")  # in the computing thread, as a key press would land
 elif point == "torn":
-    orig_put = partial.Partial.put
+    orig_write = partial.Partial._write
 
-    def torn(self, index, moments):
+    def torn(self, index, rows):
         done = self._done
 
         class Flag:  # write the moments, then die where the done flag would go
@@ -88,11 +90,11 @@ elif point == "torn":
 
         self._done = Flag()
         try:
-            orig_put(self, index, moments)
+            orig_write(self, index, rows)
         finally:
             self._done = done
 
-    partial.Partial.put = torn
+    partial.Partial._write = torn
 elif point == "commit":
     after(store.RunStore, "commit_layer")
 elif point == "final":

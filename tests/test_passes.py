@@ -105,3 +105,74 @@ def test_a_stop_request_ends_the_pass_after_the_batch_in_flight(tmp_path):
     assert progress.seen == 250  # five batches of 50: the one in flight finished, no more
     partial = store.partial("p", 6, [(i.name, i.calls, i.channels) for i in plan.layers])
     assert sorted(partial.done()) == [0, 1]  # the finished shards are kept
+
+
+class Watching(Executor):
+    """Runs the shards inline; as each one after the first starts, notes whether the record
+    of the shard before it was still unwritten (and that of the one before that written),
+    and lets that record's write go on."""
+
+    def __init__(self, started, written):
+        self.inner, self.started, self.written = InlineExecutor(), started, written
+        self.pending, self.before = [], []
+
+    def run_pass(self, model, source, shards, plan, *, device, on_batch=None):
+        for i, shard in enumerate(shards):
+            if i:
+                self.pending.append(i - 1 not in self.written)
+            if i > 1:
+                self.before.append(i - 2 in self.written)  # one record in flight at most
+            self.started[i].set()
+            yield from self.inner.run_pass(model, source, [shard], plan, device=device)
+        self.started[len(shards)].set()
+
+
+def test_a_shards_record_is_written_while_the_next_shard_computes(tmp_path, monkeypatch):
+    import threading
+
+    from lsuv_pipeline.partial import Partial
+
+    started, written, write = [threading.Event() for _ in range(7)], set(), Partial._write
+
+    def held(self, index, rows):  # a record's write waits until the next shard has started
+        started[index + 1].wait(timeout=5)
+        write(self, index, rows)
+        written.add(index)
+
+    monkeypatch.setattr(Partial, "_write", held)
+    m, src = model(), source()
+    store = RunStore.create(tmp_path / "r.zarr", {})
+    watching = Watching(started, written)
+    recorded = measure(watching, m, src, record=(store, "p"))
+    assert watching.pending == [True] * 5
+    assert watching.before == [True] * 4
+    assert written == set(range(6))  # every record was written by return
+    assert same(recorded, measure(InlineExecutor(), m, src))
+    plan = PassPlan(tuple(trace(m, src.batch(0, 2))), None, 50)
+    partial = store.partial("p", 6, [(i.name, i.calls, i.channels) for i in plan.layers])
+    assert sorted(partial.done()) == list(range(6))
+
+
+def test_a_record_that_cannot_be_written_stops_the_pass_with_one_store_error(tmp_path, monkeypatch):
+    import errno
+
+    from lsuv_pipeline.errors import StoreError
+    from lsuv_pipeline.partial import Partial
+
+    write, ran = Partial._write, []
+
+    def full(self, index, rows):
+        ran.append(index)
+        if index == 2:
+            with self._writing(f"the record of shard {index}"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+        write(self, index, rows)
+
+    monkeypatch.setattr(Partial, "_write", full)
+    m, src = model(), source()
+    store = RunStore.create(tmp_path / "r.zarr", {})
+    with pytest.raises(
+        StoreError, match=r"no space left on the device .* while writing the record of shard 2"
+    ):
+        measure(InlineExecutor(), m, src, record=(store, "p"))
+    assert 2 in ran

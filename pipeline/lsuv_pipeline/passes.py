@@ -164,9 +164,13 @@ def run_shards(
         ):
             check_finite(source, shard, moments)
             if partial is not None:
-                partial.put(shard.index, moments)
+                partial.put(shard.index, moments)  # written while the next shard computes
             results[shard.index] = moments
+        if partial is not None:
+            partial.flush()
     finally:
+        if partial is not None:
+            partial.close()  # what finished before a failure or Ctrl-C is kept
         ctx.progress.pass_finished()
     return [(s, results[s.index]) for s in parts]
 
